@@ -1,0 +1,29 @@
+"""tandem's engine: paged KV cache, executor, sampling, model loading and the offline Engine."""
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.errors import EngineDeadError, InvalidRequestError, TandemError, UnsupportedModelError
+from engine.request import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    OutputOptions,
+    RequestOutput,
+    SamplingParams,
+    StoppingCriteria,
+)
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "EngineDeadError",
+    "FinishReason",
+    "GenerationRequest",
+    "InvalidRequestError",
+    "OutputOptions",
+    "RequestOutput",
+    "SamplingParams",
+    "StoppingCriteria",
+    "TandemError",
+    "UnsupportedModelError",
+]

@@ -1,0 +1,86 @@
+"""Paged attention, plugged into transformers through its attention-function registry.
+
+transformers' own modeling code runs unchanged: it computes q/k/v (with RoPE, q/k norms,
+biases...) and hands them to the function registered under ATTENTION_NAME. We write the new
+keys and values into their cache slots and attend over each sequence's own blocks.
+
+The step's whole batch is one flattened sequence of T tokens (batch dimension 1). Rows with a
+single query token (decodes) attend in one batched call over a gathered [rows, context] view
+of their blocks; multi-token prefill chunks attend one chunk at a time with a causal mask
+offset by the chunk's start. No [T, T] mask is ever built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from engine.kv_cache import KVCache
+
+ATTENTION_NAME = "tandem_paged"
+STEP_KWARG = "tandem_step"
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # first query token in the flattened batch
+    end: int
+    slots: torch.Tensor  # [context] cache slots of the sequence, in position order
+    mask: torch.Tensor | None  # [1, 1, q, context] bool; None means a plain square causal mask
+
+
+@dataclass
+class StepAttention:
+    """Per-step attention metadata, built once per step and read by every layer."""
+
+    kv: KVCache
+    slot_mapping: torch.Tensor  # [T] slot each new token's K/V is written to
+    decode_rows: torch.Tensor  # [Bd] flattened index of each single-token row
+    decode_slots: torch.Tensor  # [Bd, Ld] cache slots of each row's context, padded
+    decode_mask: torch.Tensor  # [Bd, 1, 1, Ld] True where the slot is part of the context
+    prefills: list[PrefillSpan]
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, H, T, D]
+    key: torch.Tensor,  # [1, KVH, T, D]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    step: StepAttention | None = kwargs.get(STEP_KWARG)
+    if step is None:
+        raise RuntimeError(f"'{ATTENTION_NAME}' attention needs the step metadata kwarg '{STEP_KWARG}'")
+    for unsupported in ("softcap", "sliding_window", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise RuntimeError(f"'{ATTENTION_NAME}' attention does not implement '{unsupported}'")
+    layer = module.layer_idx
+    k_cache, v_cache = step.kv.k[layer], step.kv.v[layer]  # [slots, KVH, D]
+    k_cache.index_copy_(0, step.slot_mapping, key[0].transpose(0, 1))
+    v_cache.index_copy_(0, step.slot_mapping, value[0].transpose(0, 1))
+
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    out = torch.empty_like(q)
+    if step.decode_rows.numel():
+        qd = q.index_select(0, step.decode_rows).unsqueeze(2)  # [Bd, H, 1, D]
+        kd = k_cache[step.decode_slots].transpose(1, 2)  # [Bd, KVH, Ld, D]
+        vd = v_cache[step.decode_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=step.decode_mask, scale=scaling, enable_gqa=True)
+        out.index_copy_(0, step.decode_rows, od.squeeze(2))
+    for span in step.prefills:
+        qp = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+        kp = k_cache[span.slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+        vp = v_cache[span.slots].transpose(0, 1).unsqueeze(0)
+        op = F.scaled_dot_product_attention(
+            qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None, scale=scaling, enable_gqa=True
+        )
+        out[span.start : span.end] = op[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

@@ -1,0 +1,30 @@
+"""Engine configuration, one dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CPU_DEFAULT_KV_GB = 1.0
+
+
+@dataclass
+class EngineConfig:
+    model: str = "tiny-llama"  # a preset name or a local Hugging Face directory
+    dtype: str | None = None  # float32 / bfloat16 / float16; default: bf16 on CUDA, fp32 on CPU
+    device: str | None = None  # cpu / cuda[:N]; default: cuda when available
+    block_size: int = 16  # tokens per KV block
+    kv_cache_gb: float | None = None  # KV budget; default: CPU_DEFAULT_KV_GB on CPU, a fraction on CUDA
+    kv_cache_fraction: float = 0.85  # of the GPU memory free after loading, when kv_cache_gb is unset
+    enable_prefix_caching: bool = True
+    max_batch_tokens: int = 2048  # tokens per step (chunked-prefill budget)
+    max_num_seqs: int = 64  # sequences per step
+    seed: int = 0  # for requests that carry no seed of their own
+
+    def validate(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")

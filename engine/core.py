@@ -1,0 +1,265 @@
+"""The engine core: request state machine, KV bookkeeping and outputs, one step at a time.
+
+Single-threaded by design: `Engine` runs it on its own thread and feeds it commands. The
+scheduling decision is delegated to a `SchedulingPolicy`; everything that must stay
+consistent (blocks, finishing, streaming) stays here.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.block_manager import BlockManager, chain_hash
+from engine.detokenizer import IncrementalDetokenizer
+from engine.executor import Executor, StepBatch, StepRow, TokenChoice
+from engine.policy import FcfsPolicy, SchedulingPolicy
+from engine.request import (
+    FinishReason,
+    GenerationRequest,
+    ModelLimits,
+    RequestOutput,
+    TokenLogprob,
+    validate_output,
+    validate_prompt_ids,
+    validate_sampling,
+    validate_stopping,
+)
+from engine.sampling import SampleSpec
+from engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_tokens: int = 2048  # tokens computed per step, prefill chunks included
+    max_num_seqs: int = 64  # sequences per step
+
+
+class EngineCore:
+    def __init__(
+        self,
+        executor: Executor,
+        blocks: BlockManager,
+        tokenizer,
+        limits: ModelLimits,
+        eos_token_ids: tuple[int, ...],
+        config: SchedulerConfig | None = None,
+        policy: SchedulingPolicy | None = None,
+    ) -> None:
+        self.executor = executor
+        self.blocks = blocks
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.config = config or SchedulerConfig()
+        self.policy = policy or FcfsPolicy()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._by_id: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+
+    # -- requests --------------------------------------------------------------------------
+    def make_sequence(self, request: GenerationRequest) -> Sequence:
+        """Validate and tokenize; raises InvalidRequestError. Touches no engine state, so it
+        may run on the caller's thread."""
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            if not prompt:
+                from engine.errors import InvalidRequestError
+
+                raise InvalidRequestError("prompt", "must not be empty")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = list(prompt)
+        validate_prompt_ids(ids, self.limits)
+        validate_sampling(request.sampling, self.limits)
+        validate_stopping(request.stopping, self.limits, len(ids))
+        validate_output(request.output, self.limits)
+        request_id = request.request_id or uuid.uuid4().hex
+        detok = IncrementalDetokenizer(self.tokenizer, request.stopping.stop_strings)
+        return Sequence(request_id, request, np.asarray(ids, dtype=np.int64), 0, detok)
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self._by_id:
+            from engine.errors import InvalidRequestError
+
+            raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
+        seq.arrival = next(self._arrivals)
+        self._by_id[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish a request as aborted; None if it is unknown or already finished."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return None
+        if seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        self.release(seq)
+        return self._finish(seq, FinishReason.ABORTED, [])
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._by_id)
+
+    # -- KV bookkeeping the policy calls ---------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> None:
+        """Start a waiting sequence from its longest cached prefix (at least one token is
+        always left to compute, so the step produces logits)."""
+        bs = self.blocks.block_size
+        hits, hashes = self.blocks.match_prefix(seq.tokens, (seq.num_tokens - 1) // bs)
+        self.blocks.acquire(hits)
+        seq.block_table = list(hits)
+        seq.block_hashes = hashes
+        seq.num_computed = len(hits) * bs
+
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make sure `seq`'s blocks cover `num_tokens` more tokens; False if KV is short."""
+        bs = self.blocks.block_size
+        needed = -(-(seq.num_computed + num_tokens) // bs) - len(seq.block_table)
+        if needed > self.blocks.num_free:
+            return False
+        if needed > 0:
+            seq.block_table.extend(self.blocks.allocate(needed))
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        """Return all of `seq`'s blocks; its K/V must be recomputed if it runs again."""
+        self.blocks.release(seq.block_table)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed = 0
+
+    def admit(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = seq.num_computed
+            self.blocks.record_lookup(seq.num_tokens, seq.num_computed)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Back to the waiting queue at its arrival place, keeping its generated tokens."""
+        self.running.remove(seq)
+        self.release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        keys = [s.arrival for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, seq.arrival), seq)
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        chosen = self.policy.schedule(self)
+        if not chosen:
+            return []
+        rows = [self._row(seq, n) for seq, n in chosen]
+        result = self.executor.step(StepBatch(rows))
+        choices = iter(result.choices)
+        outputs = []
+        for (seq, n), row in zip(chosen, rows):
+            seq.num_computed += n
+            self._register_full_blocks(seq)
+            if row.sample is not None:
+                out = self._on_token(seq, next(choices))
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _row(self, seq: Sequence, n: int) -> StepRow:
+        start = seq.num_computed
+        row = StepRow(seq.tokens[start : start + n], start, seq.block_table)
+        if start + n == seq.num_tokens:
+            row.sample = self._sample_spec(seq)
+        return row
+
+    def _sample_spec(self, seq: Sequence) -> SampleSpec:
+        req = seq.request
+        suppressed: tuple[int, ...] = ()
+        if seq.num_output < req.stopping.min_new_tokens:
+            stops = set(req.stopping.stop_token_ids)
+            if not req.stopping.ignore_eos:
+                stops |= self.eos_token_ids
+            suppressed = tuple(sorted(stops))
+        penalties = req.sampling.has_penalties
+        return SampleSpec(
+            params=req.sampling,
+            num_generated=seq.num_output,
+            suppressed=suppressed,
+            prompt_ids=seq.prompt_ids if penalties else None,
+            output_ids=seq.output_ids if penalties else None,
+            logprobs=req.output.logprobs,
+            top_logprobs=req.output.top_logprobs,
+        )
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        if not self.blocks.enable_prefix_caching:
+            return
+        bs = self.blocks.block_size
+        tokens = seq.tokens
+        for i in range(len(seq.block_hashes), seq.num_computed // bs):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            chunk = tokens[i * bs : (i + 1) * bs]
+            h = chain_hash(parent, chunk)
+            self.blocks.register(seq.block_table[i], h, chunk)
+            seq.block_hashes.append(h)
+
+    def _on_token(self, seq: Sequence, choice: TokenChoice) -> RequestOutput | None:
+        token = choice.token_id
+        seq.append(token)
+        if seq.logprobs is not None:
+            seq.logprobs.append(TokenLogprob(token, choice.logprob, choice.top))
+        stopping = seq.request.stopping
+        reason = None
+        if token in self.eos_token_ids and not stopping.ignore_eos:
+            reason = FinishReason.EOS
+        elif token in stopping.stop_token_ids:
+            reason = FinishReason.STOP_TOKEN
+        else:
+            seq.detokenizer.push(token)
+            if seq.num_output >= stopping.min_new_tokens and seq.detokenizer.find_stop():
+                reason = FinishReason.STOP_STRING
+            elif seq.num_output >= stopping.max_new_tokens:
+                reason = FinishReason.LENGTH
+        new_lps = seq.logprobs[-1:] if seq.logprobs is not None else None
+        if reason is None:
+            return self._output(seq, [token], seq.detokenizer.delta(final=False), new_lps)
+        self.running.remove(seq)
+        self.release(seq)
+        return self._finish(seq, reason, [token], new_lps)
+
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, tokens: list[int], lps: list[TokenLogprob] | None = None
+    ) -> RequestOutput:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        del self._by_id[seq.request_id]
+        if reason is not FinishReason.STOP_STRING:
+            seq.detokenizer.flush()
+        out = self._output(seq, tokens, seq.detokenizer.delta(final=True), lps)
+        out.finished = True
+        out.finish_reason = reason
+        return out
+
+    def _output(self, seq: Sequence, tokens: list[int], text: str, lps) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=tokens,
+            text=text,
+            logprobs=lps,
+            num_prompt_tokens=seq.num_prompt,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+        )
+
+    def check_invariants(self) -> None:
+        self.blocks.check_invariants([s.block_table for s in self.running])
+        for seq in self.waiting:
+            assert not seq.block_table, f"waiting {seq.request_id} holds blocks"

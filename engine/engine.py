@@ -1,0 +1,249 @@
+"""The offline engine: the core on its own thread, with blocking, streaming and abort APIs."""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from dataclasses import replace
+
+import structlog
+
+from engine.block_manager import BlockManager
+from engine.config import CPU_DEFAULT_KV_GB, EngineConfig
+from engine.core import EngineCore, SchedulerConfig
+from engine.errors import EngineDeadError, InvalidRequestError
+from engine.executor import Executor
+from engine.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
+from engine.model_loader import LoadedModel, load_model
+from engine.policy import SchedulingPolicy
+from engine.request import (
+    Completion,
+    GenerationRequest,
+    ModelLimits,
+    OutputOptions,
+    RequestOutput,
+    SamplingParams,
+    StoppingCriteria,
+)
+
+log = structlog.get_logger("tandem.engine")
+Sink = Callable[[RequestOutput | BaseException], None]
+_STOP = object()
+
+
+def build_core(config: EngineConfig, policy: SchedulingPolicy | None = None) -> tuple[EngineCore, LoadedModel]:
+    """Load the model, size and allocate the KV pools, and wire the core together."""
+    config.validate()
+    loaded = load_model(config.model, config.dtype, config.device)
+    text = loaded.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    layout = KVLayout(text.num_hidden_layers, kv_heads, head_dim, config.block_size, loaded.dtype)
+    if config.kv_cache_gb is not None:
+        budget = config.kv_cache_gb * 2**30
+    elif loaded.device.type == "cuda":
+        budget = cuda_budget_bytes(loaded.device, config.kv_cache_fraction)
+    else:
+        budget = CPU_DEFAULT_KV_GB * 2**30
+    # More than every slot filled to the context length can never be used.
+    num_blocks = num_blocks_for(layout, budget, config.max_num_seqs * loaded.max_model_len)
+    kv = KVCache(layout, num_blocks, loaded.device)
+    executor = Executor(loaded.model, kv, loaded.device, config.seed)
+    blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    limits = ModelLimits(loaded.vocab_size, loaded.max_model_len, kv.capacity_tokens)
+    core = EngineCore(
+        executor,
+        blocks,
+        loaded.tokenizer,
+        limits,
+        loaded.eos_token_ids,
+        SchedulerConfig(config.max_batch_tokens, config.max_num_seqs),
+        policy,
+    )
+    log.info(
+        "engine_ready",
+        model=config.model,
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        kv_blocks=num_blocks,
+        kv_tokens=kv.capacity_tokens,
+        kv_mib=round(kv.nbytes / 2**20, 1),
+    )
+    return core, loaded
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, policy: SchedulingPolicy | None = None, **overrides) -> None:
+        self.config = replace(config or EngineConfig(), **overrides)
+        self.core, self.model = build_core(self.config, policy)
+        self.tokenizer = self.model.tokenizer
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._lock = threading.Lock()
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, sink: Sink) -> str:
+        """Validate and enqueue; `sink` receives each RequestOutput (or an exception) on the
+        engine thread. Raises InvalidRequestError at once for a bad request."""
+        seq = self.core.make_sequence(request)
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError("the engine has failed") from self._dead
+            if seq.request_id in self._sinks:
+                raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
+            self._sinks[seq.request_id] = sink
+        self._commands.put(("add", seq))
+        return seq.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Idempotent; a finished or unknown request is left alone."""
+        self._commands.put(("abort", request_id))
+
+    def generate(
+        self,
+        prompts: Seq[str | list[int]],
+        sampling: SamplingParams | Seq[SamplingParams] | None = None,
+        stopping: StoppingCriteria | Seq[StoppingCriteria] | None = None,
+        output: OutputOptions | None = None,
+    ) -> list[Completion]:
+        """Run every prompt to completion, batched together; results in prompt order."""
+        requests = [
+            GenerationRequest(
+                prompt=p,
+                sampling=_nth(sampling, i, SamplingParams),
+                stopping=_nth(stopping, i, StoppingCriteria),
+                output=output or OutputOptions(),
+            )
+            for i, p in enumerate(prompts)
+        ]
+        for r in requests:  # validate all before running any
+            self.core.make_sequence(r)
+        collectors = [_Collector() for _ in requests]
+        for r, c in zip(requests, collectors):
+            self.submit(r, c)
+        return [c.result() for c in collectors]
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as they come; leaving early aborts the request."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        request_id = self.submit(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        done = False
+        try:
+            while True:
+                out = await outputs.get()
+                if isinstance(out, BaseException):
+                    done = True
+                    raise out
+                done = out.finished
+                yield out
+                if done:
+                    return
+        finally:
+            if not done:
+                self.abort(request_id)
+
+    def shutdown(self) -> None:
+        self._commands.put((_STOP, None))
+        self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            try:
+                if not self._apply(self._commands.get(block=not self.core.has_work())):
+                    return
+                while True:
+                    if not self._apply(self._commands.get_nowait()):
+                        return
+            except queue.Empty:
+                pass
+            if self.core.has_work():
+                try:
+                    outputs = self.core.step()
+                except BaseException as exc:  # noqa: BLE001 - every request must hear of it
+                    self._fail(exc)
+                    return
+                for out in outputs:
+                    self._deliver(out)
+
+    def _apply(self, command) -> bool:
+        kind, arg = command
+        if kind is _STOP:
+            self._fail(EngineDeadError("the engine was shut down"))
+            return False
+        if kind == "add":
+            self.core.add(arg)
+        else:
+            out = self.core.abort(arg)
+            if out is not None:
+                self._deliver(out)
+        return True
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
+        if sink is not None:
+            sink(out)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not isinstance(exc, EngineDeadError):
+            log.error("engine_failed", error=repr(exc))
+        with self._lock:
+            self._dead = exc
+            sinks, self._sinks = self._sinks, {}
+        error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine step failed: {exc!r}")
+        for sink in sinks.values():
+            sink(error)
+
+
+def _nth(value, i: int, default_factory):
+    if value is None:
+        return default_factory()
+    if isinstance(value, (list, tuple)):
+        return value[i]
+    return value
+
+
+class _Collector:
+    """Gathers one request's outputs into a Completion for `Engine.generate`."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._parts: list[RequestOutput] = []
+        self._error: BaseException | None = None
+
+    def __call__(self, out: RequestOutput | BaseException) -> None:
+        if isinstance(out, BaseException):
+            self._error = out
+            self._done.set()
+            return
+        self._parts.append(out)
+        if out.finished:
+            self._done.set()
+
+    def result(self) -> Completion:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        last = self._parts[-1]
+        lps = [lp for p in self._parts for lp in (p.logprobs or [])] if last.logprobs is not None else None
+        return Completion(
+            request_id=last.request_id,
+            text="".join(p.text for p in self._parts),
+            token_ids=[t for p in self._parts for t in p.token_ids],
+            finish_reason=last.finish_reason,
+            num_prompt_tokens=last.num_prompt_tokens,
+            num_cached_tokens=last.num_cached_tokens,
+            logprobs=lps,
+        )

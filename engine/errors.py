@@ -1,0 +1,27 @@
+"""Typed errors. Each names what was wrong so the service layer can map it to a status."""
+from __future__ import annotations
+
+
+class TandemError(Exception):
+    """Base class of every error tandem raises on purpose."""
+
+
+class InvalidRequestError(TandemError, ValueError):
+    """A request field is out of range or malformed; `field` is its dotted path (e.g. `sampling.top_p`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class UnsupportedModelError(TandemError):
+    """The model uses an attention feature the paged executor does not reproduce exactly."""
+
+    def __init__(self, feature: str, detail: str) -> None:
+        super().__init__(f"unsupported model feature '{feature}': {detail}")
+        self.feature = feature
+
+
+class EngineDeadError(TandemError, RuntimeError):
+    """The engine loop failed; no further requests can be served by this engine."""

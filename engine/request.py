@@ -1,0 +1,211 @@
+"""What a caller asks for (GenerationRequest) and what it gets back (RequestOutput, Completion)."""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from engine.errors import InvalidRequestError
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_TOKEN = "stop_token"
+    STOP_STRING = "stop_string"
+    ABORTED = "aborted"
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 means greedy. top_k 0, top_p 1 and min_p 0 switch those filters off.
+
+    repetition_penalty is multiplicative over prompt and output tokens (as in transformers);
+    presence_penalty and frequency_penalty are additive over output tokens (as in OpenAI's API).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class StoppingCriteria:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    min_new_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class OutputOptions:
+    """logprobs: return the log-probability of each chosen token; top_logprobs: also the N most likely."""
+
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str | list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    request_id: str | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What validation needs to know about the loaded model and cache."""
+
+    vocab_size: int
+    max_model_len: int
+    kv_capacity_tokens: int
+    max_top_logprobs: int = 20
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """One step's news for one request: the new tokens and the new text delta."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A whole finished request, as `Engine.generate` returns it."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+def _finite(value: float, name: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidRequestError(name, f"must be a finite number, got {value!r}")
+
+
+def _int(value: int, name: str, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequestError(name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidRequestError(name, f"must be >= {minimum}, got {value}")
+
+
+def _token_id(value: int, name: str, vocab_size: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+        raise InvalidRequestError(name, f"token id {value!r} is outside the vocabulary [0, {vocab_size})")
+
+
+def validate_sampling(s: SamplingParams, limits: ModelLimits) -> None:
+    _finite(s.temperature, "sampling.temperature")
+    if s.temperature < 0:
+        raise InvalidRequestError("sampling.temperature", f"must be >= 0, got {s.temperature}")
+    _int(s.top_k, "sampling.top_k", 0)
+    _finite(s.top_p, "sampling.top_p")
+    if not 0 < s.top_p <= 1:
+        raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    _finite(s.min_p, "sampling.min_p")
+    if not 0 <= s.min_p <= 1:
+        raise InvalidRequestError("sampling.min_p", f"must be in [0, 1], got {s.min_p}")
+    _finite(s.repetition_penalty, "sampling.repetition_penalty")
+    if s.repetition_penalty <= 0:
+        raise InvalidRequestError("sampling.repetition_penalty", f"must be > 0, got {s.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        _finite(value, f"sampling.{name}")
+        if not -2 <= value <= 2:
+            raise InvalidRequestError(f"sampling.{name}", f"must be in [-2, 2], got {value}")
+    for token, bias in s.logit_bias.items():
+        _token_id(token, "sampling.logit_bias", limits.vocab_size)
+        _finite(bias, f"sampling.logit_bias[{token}]")
+        if not -100 <= bias <= 100:
+            raise InvalidRequestError(f"sampling.logit_bias[{token}]", f"must be in [-100, 100], got {bias}")
+    if s.seed is not None:
+        _int(s.seed, "sampling.seed", 0)
+        if s.seed >= 2**64:
+            raise InvalidRequestError("sampling.seed", "must be < 2**64")
+
+
+def validate_stopping(s: StoppingCriteria, limits: ModelLimits, prompt_len: int) -> None:
+    _int(s.max_new_tokens, "stopping.max_new_tokens", 1)
+    _int(s.min_new_tokens, "stopping.min_new_tokens", 0)
+    if s.min_new_tokens > s.max_new_tokens:
+        raise InvalidRequestError(
+            "stopping.min_new_tokens", f"{s.min_new_tokens} exceeds max_new_tokens {s.max_new_tokens}"
+        )
+    for token in s.stop_token_ids:
+        _token_id(token, "stopping.stop_token_ids", limits.vocab_size)
+    for text in s.stop_strings:
+        if not isinstance(text, str) or not text:
+            raise InvalidRequestError("stopping.stop_strings", f"stop strings must be non-empty text, got {text!r}")
+    total = prompt_len + s.max_new_tokens
+    if total > limits.max_model_len:
+        raise InvalidRequestError(
+            "stopping.max_new_tokens",
+            f"prompt ({prompt_len} tokens) plus max_new_tokens ({s.max_new_tokens}) is {total}, "
+            f"over the model's context length {limits.max_model_len}",
+        )
+    if total > limits.kv_capacity_tokens:
+        raise InvalidRequestError(
+            "stopping.max_new_tokens",
+            f"prompt ({prompt_len} tokens) plus max_new_tokens ({s.max_new_tokens}) is {total}, "
+            f"over the KV cache capacity of {limits.kv_capacity_tokens} tokens",
+        )
+
+
+def validate_prompt_ids(ids: list[int], limits: ModelLimits) -> None:
+    if len(ids) == 0:
+        raise InvalidRequestError("prompt", "must not be empty")
+    for token in ids:
+        _token_id(token, "prompt.token_ids", limits.vocab_size)
+    if len(ids) >= limits.max_model_len:
+        raise InvalidRequestError(
+            "prompt", f"{len(ids)} tokens leave no room to generate within the context length {limits.max_model_len}"
+        )
+    if len(ids) >= limits.kv_capacity_tokens:
+        raise InvalidRequestError(
+            "prompt", f"{len(ids)} tokens do not fit the KV cache capacity of {limits.kv_capacity_tokens} tokens"
+        )
+
+
+def validate_output(o: OutputOptions, limits: ModelLimits) -> None:
+    _int(o.top_logprobs, "output.top_logprobs", 0)
+    if o.top_logprobs > limits.max_top_logprobs:
+        raise InvalidRequestError("output.top_logprobs", f"must be <= {limits.max_top_logprobs}, got {o.top_logprobs}")
