@@ -41,6 +41,7 @@ class StepAttention:
     decode_slots: torch.Tensor  # [Bd, Ld] cache slots of each row's context, padded
     decode_mask: torch.Tensor  # [Bd, 1, 1, Ld] True where the slot is part of the context
     prefills: list[PrefillSpan]
+    max_context: int  # longest context any row attends over
 
 
 def paged_attention_forward(
@@ -56,9 +57,12 @@ def paged_attention_forward(
     step: StepAttention | None = kwargs.get(STEP_KWARG)
     if step is None:
         raise RuntimeError(f"'{ATTENTION_NAME}' attention needs the step metadata kwarg '{STEP_KWARG}'")
-    for unsupported in ("softcap", "sliding_window", "s_aux"):
+    for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise RuntimeError(f"'{ATTENTION_NAME}' attention does not implement '{unsupported}'")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < step.max_context:
+        raise RuntimeError(f"'{ATTENTION_NAME}' attention does not implement a {window}-token sliding window")
     layer = module.layer_idx
     k_cache, v_cache = step.kv.k[layer], step.kv.v[layer]  # [slots, KVH, D]
     k_cache.index_copy_(0, step.slot_mapping, key[0].transpose(0, 1))

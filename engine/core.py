@@ -61,6 +61,7 @@ class EngineCore:
         self.running: list[Sequence] = []
         self._by_id: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+        self.num_preemptions = 0
 
     # -- requests --------------------------------------------------------------------------
     def make_sequence(self, request: GenerationRequest) -> Sequence:
@@ -153,6 +154,7 @@ class EngineCore:
         self.release(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         keys = [s.arrival for s in self.waiting]
         self.waiting.insert(bisect.bisect(keys, seq.arrival), seq)
 

@@ -180,6 +180,7 @@ class Executor:
             decode_slots=torch.from_numpy(decode_slots).to(dev),
             decode_mask=torch.from_numpy(decode_mask).to(dev)[:, None, None, :],
             prefills=prefills,
+            max_context=int(ends.max()),
         )
         return PreparedStep(
             input_ids=torch.from_numpy(ids).to(dev)[None],

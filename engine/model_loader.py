@@ -72,14 +72,17 @@ def check_supported(config) -> None:
     """Refuse configs whose attention our paged kernel would compute differently."""
     text = getattr(config, "get_text_config", lambda: config)()
     max_len = context_length(text)
-    window = getattr(text, "sliding_window", None)
-    if window and getattr(text, "use_sliding_window", True) and window < max_len:
-        raise UnsupportedModelError("sliding_window", f"window of {window} tokens < context length {max_len}")
-    layer_types = set(getattr(text, "layer_types", None) or [])
-    if layer_types - {"full_attention"}:
-        raise UnsupportedModelError("layer_types", f"layers of type {sorted(layer_types - {'full_attention'})}")
     if getattr(text, "attn_logit_softcapping", None):
         raise UnsupportedModelError("attn_logit_softcapping", "attention logit softcapping")
+    layer_types = set(getattr(text, "layer_types", None) or [])
+    if layer_types - {"full_attention", "sliding_attention"}:
+        other = sorted(layer_types - {"full_attention", "sliding_attention"})
+        raise UnsupportedModelError("layer_types", f"layers of type {other}")
+    window = getattr(text, "sliding_window", None)
+    windowed = "sliding_attention" in layer_types or (window and getattr(text, "use_sliding_window", True))
+    # A window as long as the context changes nothing; the attention function checks that too.
+    if windowed and window and window < max_len:
+        raise UnsupportedModelError("sliding_window", f"window of {window} tokens < context length {max_len}")
     if getattr(text, "attention_chunk_size", None):
         raise UnsupportedModelError("attention_chunk_size", "chunked local attention")
     if getattr(text, "kv_lora_rank", None) or getattr(text, "v_head_dim", None):

@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BUILD_VERSION = 1
-SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2
+BUILD_VERSION = 2
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|endoftext|>"]  # ids 0-3; the last is what Qwen2Tokenizer expects
 _DATA = Path(__file__).parent / "data"
 
 

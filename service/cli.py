@@ -1,0 +1,138 @@
+"""The `tandem` command line."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+
+import structlog
+
+
+def _configure_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="tiny-llama", help="built-in preset (see `tandem models`) or local HF directory")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB")
+    g.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per step (chunked prefill budget)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("-v", "--verbose", action="store_true", help="log engine events to stderr")
+
+
+def _engine_config(args: argparse.Namespace):
+    from engine import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_gb=args.kv_cache_gb,
+        max_batch_tokens=args.max_batch_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine import Engine, GenerationRequest, InvalidRequestError, SamplingParams, StoppingCriteria
+
+    request = GenerationRequest(
+        prompt=args.prompt,
+        sampling=SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        ),
+        stopping=StoppingCriteria(
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens,
+            stop_strings=args.stop,
+            ignore_eos=args.ignore_eos,
+        ),
+    )
+    with Engine(_engine_config(args)) as engine:
+
+        async def run() -> tuple[int, str | None, float]:
+            count, reason, start = 0, None, time.perf_counter()
+            async for out in engine.stream(request):
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+                count += len(out.token_ids)
+                reason = out.finish_reason.value if out.finish_reason else None
+            return count, reason, time.perf_counter() - start
+
+        try:
+            count, reason, seconds = asyncio.run(run())
+        except InvalidRequestError as exc:
+            print(f"tandem: invalid request: {exc}", file=sys.stderr)
+            return 2
+    sys.stdout.write("\n")
+    if args.stats:
+        print(f"[{count} tokens, finish={reason}, {count / seconds:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine.presets import PRESETS
+
+    width = max(len(name) for name in PRESETS)
+    for name, preset in PRESETS.items():
+        print(f"{name:<{width}}  {preset.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="LLM text generation with pluggable schedulers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text offline and stream it to stdout")
+    _generate_args(gen)
+    _engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    models = sub.add_parser("models", help="list the built-in model presets")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(getattr(args, "verbose", False))
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

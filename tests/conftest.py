@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import Engine, EngineConfig
+from engine.engine import build_core
+from engine.model_loader import load_model
+
+TINY_PRESETS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-granite"]
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    """A shared tiny-llama engine; tests must leave it idle."""
+    eng = Engine(EngineConfig(model="tiny-llama", max_batch_tokens=64, max_num_seqs=16, block_size=4))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return load_model("tiny-llama")
+
+
+def reference_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def small_core(num_blocks: int, block_size: int = 4, **kw):
+    """A core whose KV pool holds exactly `num_blocks` blocks of tiny-llama."""
+    cfg = EngineConfig(model="tiny-llama", block_size=block_size, **kw)
+    probe, loaded = build_core(EngineConfig(model="tiny-llama", block_size=block_size, kv_cache_gb=1e-3))
+    per_block = probe.executor.kv.layout.bytes_per_block
+    cfg.kv_cache_gb = num_blocks * per_block / 2**30
+    core, _ = build_core(cfg)
+    assert core.blocks.num_blocks == num_blocks
+    return core
+
+
+def random_prompts(rng: np.random.Generator, n: int, low: int, high: int, vocab: int = 512) -> list[list[int]]:
+    return [rng.integers(3, vocab, int(rng.integers(low, high + 1))).tolist() for _ in range(n)]

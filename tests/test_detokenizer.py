@@ -1,0 +1,95 @@
+"""Streamed text deltas: exact concatenation, no broken UTF-8, stop strings across tokens."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import Engine, SamplingParams, StoppingCriteria
+from engine.detokenizer import IncrementalDetokenizer
+
+MULTIBYTE = "héllo wörld ☃ 中文字符 日本語 한국어 😀🚀👩‍💻 🇫🇷 ∑∫ €"
+texts = st.text(
+    alphabet=st.one_of(st.sampled_from(list(MULTIBYTE)), st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\ufffd")),
+    min_size=1,
+    max_size=60,
+)
+
+
+def _stream(tokenizer, ids, stops=None):
+    detok = IncrementalDetokenizer(tokenizer, stops)
+    deltas = []
+    for token in ids:
+        detok.push(token)
+        if detok.find_stop():
+            break
+        deltas.append(detok.delta(final=False))
+    if detok.stopped_by is None:
+        detok.flush()
+    deltas.append(detok.delta(final=True))
+    return deltas, detok
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts)
+def test_text_round_trips_through_deltas(tiny_llama, text) -> None:
+    tok = tiny_llama.tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    deltas, _ = _stream(tok, ids)
+    assert "".join(deltas) == text == tok.decode(ids)
+    assert not any("\ufffd" in d for d in deltas), "an incomplete UTF-8 sequence was emitted"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(3, 511), min_size=1, max_size=40))
+def test_arbitrary_ids_concatenate_to_the_full_decode(tiny_llama, ids) -> None:
+    tok = tiny_llama.tokenizer
+    deltas, _ = _stream(tok, ids)
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_multibyte_characters_are_held_back_not_broken(tiny_llama) -> None:
+    tok = tiny_llama.tokenizer
+    ids = tok.encode("😀🚀", add_special_tokens=False)
+    assert len(ids) > 2  # rare emoji take several byte-level tokens
+    deltas, _ = _stream(tok, ids)
+    assert all(d in ("", "😀", "🚀", "😀🚀") for d in deltas)
+
+
+@pytest.mark.parametrize("stop", ["STOP", "wor", "ld S", "中文"])
+def test_stop_string_across_token_boundaries_is_trimmed(tiny_llama, stop) -> None:
+    tok = tiny_llama.tokenizer
+    text = "hello world STOP after 中文 tail"
+    ids = tok.encode(text, add_special_tokens=False)
+    deltas, detok = _stream(tok, ids, [stop, "never-matches"])
+    assert detok.stopped_by == stop
+    assert "".join(deltas) == text[: text.index(stop)]
+
+
+def test_engine_stop_string_and_finish_reasons(engine: Engine) -> None:
+    prompt = list(range(30, 50))
+    free = engine.generate([prompt], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=24))[0]
+    assert free.finish_reason.value in ("length", "eos")
+    stop = free.text[5:8]
+    assert len(stop) == 3
+    cut = engine.generate(
+        [prompt], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=24, stop_strings=[stop])
+    )[0]
+    assert cut.finish_reason.value == "stop_string"
+    assert cut.text == free.text[: free.text.index(stop)]
+    token = free.token_ids[3]
+    by_token = engine.generate(
+        [prompt], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=24, stop_token_ids=[token])
+    )[0]
+    assert by_token.finish_reason.value == "stop_token"
+    assert by_token.token_ids == free.token_ids[: free.token_ids.index(token) + 1]
+    eos = engine.generate(
+        [prompt], SamplingParams(temperature=0, logit_bias={1: 100.0}), StoppingCriteria(max_new_tokens=24)
+    )[0]
+    assert eos.finish_reason.value == "eos" and eos.token_ids == [1] and eos.text == ""
+    held = engine.generate(
+        [prompt],
+        SamplingParams(temperature=0, logit_bias={1: 100.0}),
+        StoppingCriteria(max_new_tokens=6, min_new_tokens=4),
+    )[0]
+    assert len(held.token_ids) == 5 and held.token_ids[-1] == 1 and 1 not in held.token_ids[:4]

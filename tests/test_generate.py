@@ -1,0 +1,50 @@
+"""Greedy generation of many prompts batched together equals transformers' generate alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_prompts, reference_model
+from engine import Engine, EngineConfig, SamplingParams, StoppingCriteria
+
+NEW = 12
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3"])
+def test_greedy_batch_equals_transformers_generate(preset: str) -> None:
+    prompts = random_prompts(np.random.default_rng(2), 16, 1, 90)
+    # A small token budget forces chunked prefill mixed with decodes.
+    with Engine(EngineConfig(model=preset, max_batch_tokens=48, max_num_seqs=8, block_size=8)) as eng:
+        stop = StoppingCriteria(max_new_tokens=NEW, min_new_tokens=NEW)
+        got = eng.generate(prompts, SamplingParams(temperature=0), stop)
+        ref = reference_model(eng.model.path)
+    for prompt, completion in zip(prompts, got):
+        with torch.inference_mode():
+            out = ref.generate(
+                torch.tensor([prompt]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=2
+            )
+        assert completion.token_ids == out[0, len(prompt) :].tolist()
+        assert completion.finish_reason.value == "length"
+
+
+def test_prefix_cache_hits_keep_outputs(engine: Engine) -> None:
+    rng = np.random.default_rng(3)
+    shared = rng.integers(3, 500, 40).tolist()
+    prompts = [shared + rng.integers(3, 500, 5).tolist() for _ in range(3)]
+    greedy, stop = SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=8)
+    first = engine.generate(prompts[:1], greedy, stop)[0]
+    again = engine.generate(prompts, greedy, stop)
+    assert again[0].token_ids == first.token_ids
+    assert again[0].num_cached_tokens >= 40
+    assert all(c.num_cached_tokens >= 40 for c in again[1:])
+    assert engine.core.blocks.stats.hit_tokens > 0
+
+
+def test_prefix_cache_off_has_no_hits() -> None:
+    prompt = list(range(3, 60))
+    with Engine(EngineConfig(model="tiny-llama", enable_prefix_caching=False, block_size=4)) as eng:
+        a, b = eng.generate([prompt, prompt], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=4))
+        c = eng.generate([prompt], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=4))[0]
+        assert c.num_cached_tokens == 0 and eng.core.blocks.num_cached == 0
+        assert a.token_ids == b.token_ids == c.token_ids

@@ -1,0 +1,61 @@
+"""Model loading: presets, dtypes, and refusal of attention we would compute differently."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams, StoppingCriteria, UnsupportedModelError
+from engine.model_loader import load_model
+from engine.presets import PRESETS, preset_path
+
+
+def _config_dir(tmp_path, **config):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+
+
+@pytest.mark.parametrize(
+    "feature,config",
+    [
+        ("sliding_window", dict(BASE, model_type="mistral", sliding_window=64)),
+        ("attn_logit_softcapping", dict(BASE, model_type="gemma2", attn_logit_softcapping=50.0,
+                                        sliding_window=4096, head_dim=16)),
+        ("sliding_window", dict(BASE, model_type="qwen2", use_sliding_window=True, sliding_window=32,
+                                max_window_layers=1)),
+        ("layer_types", dict(BASE, model_type="qwen3_next")),
+    ],
+)
+def test_unsupported_attention_is_refused_by_name(tmp_path, feature, config) -> None:
+    with pytest.raises(UnsupportedModelError) as info:
+        load_model(_config_dir(tmp_path, **config))
+    assert info.value.feature == feature and feature in str(info.value)
+
+
+def test_unknown_model_is_a_clear_error() -> None:
+    with pytest.raises(FileNotFoundError, match="neither a built-in preset"):
+        load_model("/nonexistent/model")
+
+
+def test_presets_are_plain_hf_directories() -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    for name in ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-granite"):
+        path = preset_path(name)
+        config = AutoConfig.from_pretrained(path)
+        assert config.vocab_size == PRESETS[name].vocab_size
+        assert len(AutoTokenizer.from_pretrained(path)) == config.vocab_size
+    assert PRESETS["bench-llama"].config["vocab_size"] == 32000
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs(dtype) -> None:
+    with Engine(model="tiny-qwen2", dtype=dtype, device="cpu") as eng:
+        assert eng.core.executor.kv.k.dtype == getattr(torch, dtype)
+        out = eng.generate([[5, 6, 7, 8]], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=8, ignore_eos=True))
+        assert len(out[0].token_ids) == 8

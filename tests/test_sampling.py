@@ -1,0 +1,111 @@
+"""Sampling: seeded determinism under batching, filters, penalties, bias, logprobs."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conftest import random_prompts
+from engine import Engine, OutputOptions, SamplingParams, StoppingCriteria
+from engine.request import GenerationRequest
+from engine.sampling import SampleSpec, apply_processors, build_sampling, sample
+
+STOP = StoppingCriteria(max_new_tokens=16, ignore_eos=True)
+
+
+def test_seeded_request_same_alone_and_in_busy_batch(engine: Engine) -> None:
+    prompt = list(range(10, 40))
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    alone = engine.generate([prompt], params, STOP)[0].token_ids
+    rng = np.random.default_rng(5)
+    others = random_prompts(rng, 11, 1, 60)
+    mixed = [SamplingParams(temperature=t) for t in (0.0, 0.5, 1.3)] * 4
+    batch = engine.generate(others[:5] + [prompt] + others[5:], mixed[:5] + [params] + mixed[5:11], STOP)
+    assert batch[5].token_ids == alone
+    again = engine.generate([prompt], params, STOP)[0].token_ids
+    assert again == alone
+
+
+def test_different_seeds_differ(engine: Engine) -> None:
+    prompt = list(range(10, 40))
+    outs = engine.generate([prompt] * 4, [SamplingParams(temperature=1.0, seed=s) for s in range(4)], STOP)
+    assert len({tuple(o.token_ids) for o in outs}) == 4
+
+
+def test_filters_that_leave_one_token_equal_greedy(engine: Engine) -> None:
+    prompt = list(range(50, 70))
+    greedy = engine.generate([prompt], SamplingParams(temperature=0), STOP)[0].token_ids
+    for params in (
+        SamplingParams(temperature=1.5, top_k=1, seed=1),
+        SamplingParams(temperature=1.5, top_p=1e-9, seed=2),
+        SamplingParams(temperature=1.5, min_p=1.0, seed=3),
+    ):
+        assert engine.generate([prompt], params, STOP)[0].token_ids == greedy
+
+
+def test_logit_bias_forces_a_token(engine: Engine) -> None:
+    out = engine.generate([[5, 6, 7]], SamplingParams(temperature=1.0, logit_bias={77: 100.0}), STOP)[0]
+    assert out.token_ids == [77] * 16
+
+
+def test_repetition_penalty_avoids_repeats(engine: Engine) -> None:
+    prompt = list(range(100, 110))
+    out = engine.generate([prompt], SamplingParams(temperature=0, repetition_penalty=1e6), STOP)[0].token_ids
+    assert len(set(out)) == len(out) and not set(out) & set(prompt)
+
+
+def test_logprobs_are_the_model_distribution(engine: Engine) -> None:
+    out = engine.generate(
+        [list(range(20, 30))], SamplingParams(temperature=0), STOP, OutputOptions(logprobs=True, top_logprobs=3)
+    )[0]
+    assert len(out.logprobs) == 16
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == token and lp.logprob <= 0
+        assert [t for t, _ in lp.top][0] == token  # greedy picks the top-1
+        assert abs(lp.top[0][1] - lp.logprob) < 1e-6
+        values = [v for _, v in lp.top]
+        assert values == sorted(values, reverse=True)
+
+
+def _tensors(params: list[SamplingParams], **spec) -> object:
+    specs = [SampleSpec(p, num_generated=i, **spec) for i, p in enumerate(params)]
+    return build_sampling(specs, torch.device("cpu"), np.random.default_rng(0))
+
+
+def test_penalties_arithmetic() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    st = _tensors(
+        [SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)],
+        prompt_ids=np.array([0]),
+        output_ids=np.array([1, 1, 2]),
+    )
+    got = apply_processors(logits.clone(), st)
+    # token 0: prompt only -> 2/2; token 1: 2x in output -> -2*2 - 0.5 - 0.5; token 2: 1/2 - 0.5 - 0.25.
+    torch.testing.assert_close(got, torch.tensor([[1.0, -5.0, -0.25, 0.5]]))
+
+
+def test_draws_follow_the_filtered_distribution() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    n = 20000
+    for params, expected in (
+        (SamplingParams(temperature=1.0), [0.5, 0.2, 0.15, 0.1, 0.05]),
+        (SamplingParams(temperature=1.0, top_k=2), [5 / 7, 2 / 7, 0, 0, 0]),
+        (SamplingParams(temperature=1.0, top_p=0.8), [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]),
+        (SamplingParams(temperature=1.0, min_p=0.35), [5 / 7, 2 / 7, 0, 0, 0]),
+    ):
+        st = build_sampling(
+            [SampleSpec(params, 0)] * n, torch.device("cpu"), np.random.default_rng(0)
+        )
+        tokens = sample(logits.expand(n, -1), st).tokens
+        freq = torch.bincount(tokens, minlength=5).double() / n
+        assert torch.allclose(freq, torch.tensor(expected, dtype=torch.float64), atol=0.015), (params, freq)
+
+
+def test_stream_yields_deltas(engine: Engine) -> None:
+    import asyncio
+
+    async def run():
+        return [o async for o in engine.stream(GenerationRequest([3, 4, 5], SamplingParams(temperature=0), STOP))]
+
+    outs = asyncio.run(run())
+    assert sum(len(o.token_ids) for o in outs) == 16 and outs[-1].finished and not outs[0].finished
+    assert outs[0].num_prompt_tokens == 3
