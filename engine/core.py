@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -31,6 +32,15 @@ from engine.request import (
 )
 from engine.sampling import SampleSpec
 from engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class CoreStats:
+    """Host time around the executor: the scheduling decision and batch building, then
+    turning sampled tokens into outputs (stop checks, detokenization)."""
+
+    schedule_seconds: float = 0.0
+    output_seconds: float = 0.0
 
 
 @dataclass
@@ -62,6 +72,7 @@ class EngineCore:
         self._by_id: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.num_preemptions = 0
+        self.stats = CoreStats()
 
     # -- requests --------------------------------------------------------------------------
     def make_sequence(self, request: GenerationRequest) -> Sequence:
@@ -160,11 +171,14 @@ class EngineCore:
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         chosen = self.policy.schedule(self)
         if not chosen:
             return []
         rows = [self._row(seq, n) for seq, n in chosen]
+        scheduled = time.perf_counter()
         result = self.executor.step(StepBatch(rows))
+        collected = time.perf_counter()
         choices = iter(result.choices)
         outputs = []
         for (seq, n), row in zip(chosen, rows):
@@ -174,6 +188,8 @@ class EngineCore:
                 out = self._on_token(seq, next(choices))
                 if out is not None:
                     outputs.append(out)
+        self.stats.schedule_seconds += scheduled - started
+        self.stats.output_seconds += time.perf_counter() - collected
         return outputs
 
     def _row(self, seq: Sequence, n: int) -> StepRow:

@@ -89,7 +89,9 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: Sink) -> str:
         """Validate and enqueue; `sink` receives each RequestOutput (or an exception) on the
         engine thread. Raises InvalidRequestError at once for a bad request."""
-        seq = self.core.make_sequence(request)
+        return self._submit(self.core.make_sequence(request), sink)
+
+    def _submit(self, seq, sink: Sink) -> str:
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError("the engine has failed") from self._dead
@@ -120,11 +122,10 @@ class Engine:
             )
             for i, p in enumerate(prompts)
         ]
-        for r in requests:  # validate all before running any
-            self.core.make_sequence(r)
+        seqs = [self.core.make_sequence(r) for r in requests]  # validate all before running any
         collectors = [_Collector() for _ in requests]
-        for r, c in zip(requests, collectors):
-            self.submit(r, c)
+        for seq, c in zip(seqs, collectors):
+            self._submit(seq, c)
         return [c.result() for c in collectors]
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
@@ -193,8 +194,16 @@ class Engine:
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:
             sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
-        if sink is not None:
+        if sink is None:
+            return
+        try:
             sink(out)
+        except Exception as exc:  # noqa: BLE001 - a broken consumer must not stop the engine
+            log.warning("sink_failed", request_id=out.request_id, error=repr(exc))
+            if not out.finished:
+                with self._lock:
+                    self._sinks.pop(out.request_id, None)
+                self.core.abort(out.request_id)
 
     def _fail(self, exc: BaseException) -> None:
         if not isinstance(exc, EngineDeadError):
@@ -204,7 +213,10 @@ class Engine:
             sinks, self._sinks = self._sinks, {}
         error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine step failed: {exc!r}")
         for sink in sinks.values():
-            sink(error)
+            try:
+                sink(error)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def _nth(value, i: int, default_factory):

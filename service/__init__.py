@@ -1,0 +1,1 @@
+"""The service layer: the `tandem` CLI now, the gRPC servicer and server later."""

@@ -96,3 +96,14 @@ def test_abort_frees_blocks_and_is_idempotent(engine: Engine) -> None:
     engine.abort("never-existed")
     assert engine.generate([[1, 2, 3]], stopping=StoppingCriteria(max_new_tokens=2))[0].finish_reason
     assert engine.core.blocks.num_used == 0
+
+
+def test_a_failing_consumer_does_not_stop_the_engine(engine: Engine) -> None:
+    def broken(out):
+        raise RuntimeError("consumer went away")
+
+    engine.submit(GenerationRequest([9, 9, 9], stopping=StoppingCriteria(200, ignore_eos=True)), broken)
+    out = engine.generate([[4, 5, 6]], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=5))[0]
+    assert len(out.token_ids) >= 1
+    engine.generate([[4]], stopping=StoppingCriteria(max_new_tokens=1))
+    assert engine.core.num_requests == 0 and engine.core.blocks.num_used == 0
