@@ -65,27 +65,26 @@ class BlockManager:
         return self.num_blocks - self.num_free
 
     # -- prefix cache ----------------------------------------------------------------------
-    def match_prefix(self, tokens: np.ndarray, max_blocks: int) -> tuple[list[int], list[int]]:
-        """Longest run of cached full blocks at the start of `tokens` (at most `max_blocks`).
+    def match_prefix(self, hashes: list[int], tokens: np.ndarray) -> list[int]:
+        """Cached blocks for the leading chain `hashes` of `tokens`, up to the first miss.
 
-        Returns the block ids and their chain hashes; does not take references.
+        Does not take references. The stored tokens are compared too, so a hash collision
+        can never hand a sequence someone else's K/V.
         """
         blocks: list[int] = []
-        hashes: list[int] = []
         if not self.enable_prefix_caching:
-            return blocks, hashes
+            return blocks
         bs = self.block_size
-        parent = None
-        for i in range(max_blocks):
-            chunk = tokens[i * bs : (i + 1) * bs]
-            h = chain_hash(parent, chunk)
+        for i, h in enumerate(hashes):
             block = self._block_of.get(h)
-            if block is None or self._tokens_of[block] != chunk.tobytes():
+            if block is None or self._tokens_of[block] != tokens[i * bs : (i + 1) * bs].tobytes():
                 break
             blocks.append(block)
-            hashes.append(h)
-            parent = h
-        return blocks, hashes
+        return blocks
+
+    def num_unreferenced(self, blocks: list[int]) -> int:
+        """How many of `blocks` are cached with no owner (acquiring them costs free blocks)."""
+        return int(np.count_nonzero(self.ref_counts[blocks] == 0)) if blocks else 0
 
     def record_lookup(self, queried: int, hit: int) -> None:
         self.stats.queried_tokens += queried

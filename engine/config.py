@@ -14,6 +14,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_gb: float | None = None  # KV budget; default: CPU_DEFAULT_KV_GB on CPU, a fraction on CUDA
     kv_cache_fraction: float = 0.85  # of the GPU memory free after loading, when kv_cache_gb is unset
+    kv_blocks: int | None = None  # exact number of KV blocks, overriding the budgets (tests, tuning)
     enable_prefix_caching: bool = True
     max_batch_tokens: int = 2048  # tokens per step (chunked-prefill budget)
     max_num_seqs: int = 64  # sequences per step
@@ -24,6 +25,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            raise ValueError(f"kv_blocks must be >= 1, got {self.kv_blocks}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:

@@ -18,7 +18,7 @@ import numpy as np
 from engine.block_manager import BlockManager, chain_hash
 from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import Executor, StepBatch, StepRow, TokenChoice
-from engine.policy import FcfsPolicy, SchedulingPolicy
+from engine.scheduling import RequestView, Scheduler, StepContext
 from engine.request import (
     FinishReason,
     GenerationRequest,
@@ -57,8 +57,8 @@ class EngineCore:
         tokenizer,
         limits: ModelLimits,
         eos_token_ids: tuple[int, ...],
+        scheduler: Scheduler,
         config: SchedulerConfig | None = None,
-        policy: SchedulingPolicy | None = None,
     ) -> None:
         self.executor = executor
         self.blocks = blocks
@@ -66,12 +66,14 @@ class EngineCore:
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
         self.config = config or SchedulerConfig()
-        self.policy = policy or FcfsPolicy()
+        self.scheduler = scheduler
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._by_id: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.num_preemptions = 0
+        self.num_steps = 0
+        self.last_step: list[tuple[str, int]] = []  # (request id, tokens) of the latest step
         self.stats = CoreStats()
 
     # -- requests --------------------------------------------------------------------------
@@ -93,7 +95,7 @@ class EngineCore:
         validate_output(request.output, self.limits)
         request_id = request.request_id or uuid.uuid4().hex
         detok = IncrementalDetokenizer(self.tokenizer, request.stopping.stop_strings)
-        return Sequence(request_id, request, np.asarray(ids, dtype=np.int64), 0, detok)
+        return Sequence(request_id, request, np.asarray(ids, dtype=np.int64), 0, detok, time.monotonic())
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self._by_id:
@@ -123,41 +125,78 @@ class EngineCore:
     def num_requests(self) -> int:
         return len(self._by_id)
 
-    # -- KV bookkeeping the policy calls ---------------------------------------------------
-    def match_prefix(self, seq: Sequence) -> None:
-        """Start a waiting sequence from its longest cached prefix (at least one token is
-        always left to compute, so the step produces logits)."""
-        bs = self.blocks.block_size
-        hits, hashes = self.blocks.match_prefix(seq.tokens, (seq.num_tokens - 1) // bs)
-        self.blocks.acquire(hits)
-        seq.block_table = list(hits)
-        seq.block_hashes = hashes
-        seq.num_computed = len(hits) * bs
+    # -- what the scheduling context calls ------------------------------------------------
+    def lookup(self, request_id: str) -> Sequence | None:
+        return self._by_id.get(request_id)
 
-    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Make sure `seq`'s blocks cover `num_tokens` more tokens; False if KV is short."""
+    def view(self, seq: Sequence) -> RequestView:
+        if seq.view is None:
+            seq.view = RequestView(seq, self)
+        return seq.view
+
+    def _chain_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """The first `num_blocks` prefix-cache hashes of `seq` (tokens only ever grow)."""
+        bs, hashes, tokens = self.blocks.block_size, seq.chain_hashes, seq.tokens
+        for i in range(len(hashes), num_blocks):
+            hashes.append(chain_hash(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+        return hashes[:num_blocks]
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        # At least one token is always left to compute, so the step yields logits.
+        if not self.blocks.enable_prefix_caching:
+            return []
+        hashes = self._chain_hashes(seq, (seq.num_tokens - 1) // self.blocks.block_size)
+        return self.blocks.match_prefix(hashes, seq.tokens)
+
+    def prefix_hit_blocks(self, seq: Sequence) -> tuple[int, int]:
+        """(cached blocks a waiting `seq` would reuse, how many of them have no owner now)."""
+        hits = self._prefix_hits(seq)
+        return len(hits), self.blocks.num_unreferenced(hits)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Free blocks that starting `num_tokens` of `seq` would consume."""
+        bs = self.blocks.block_size
+        if seq.status is SeqStatus.RUNNING:
+            return max(0, -(-(seq.num_computed + num_tokens) // bs) - len(seq.block_table))
+        hits, unowned = self.prefix_hit_blocks(seq)
+        computed = hits * bs
+        num_tokens = min(num_tokens, seq.num_tokens - computed)
+        return -(-(computed + num_tokens) // bs) - hits + unowned
+
+    def start(self, seq: Sequence, num_tokens: int) -> int:
+        """Admit `seq` if it waits, then reserve blocks for its next `num_tokens` (the caller
+        checked they fit). Returns the token count, clamped to what is left to compute."""
+        if seq.status is SeqStatus.WAITING:
+            self._match_prefix(seq)
+            self._admit(seq)
+        num_tokens = min(num_tokens, seq.num_uncomputed)
         bs = self.blocks.block_size
         needed = -(-(seq.num_computed + num_tokens) // bs) - len(seq.block_table)
-        if needed > self.blocks.num_free:
-            return False
         if needed > 0:
             seq.block_table.extend(self.blocks.allocate(needed))
-        return True
+        return num_tokens
 
-    def release(self, seq: Sequence) -> None:
-        """Return all of `seq`'s blocks; its K/V must be recomputed if it runs again."""
-        self.blocks.release(seq.block_table)
-        seq.block_table = []
-        seq.block_hashes = []
-        seq.num_computed = 0
+    def _match_prefix(self, seq: Sequence) -> None:
+        hits = self._prefix_hits(seq)
+        self.blocks.acquire(hits)
+        seq.block_table = list(hits)
+        seq.num_registered = len(hits)
+        seq.num_computed = len(hits) * self.blocks.block_size
 
-    def admit(self, seq: Sequence) -> None:
+    def _admit(self, seq: Sequence) -> None:
         self.waiting.remove(seq)
         if seq.num_cached_tokens is None:
             seq.num_cached_tokens = seq.num_computed
             self.blocks.record_lookup(seq.num_tokens, seq.num_computed)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Return all of `seq`'s blocks; its K/V must be recomputed if it runs again."""
+        self.blocks.release(seq.block_table)
+        seq.block_table = []
+        seq.num_registered = 0
+        seq.num_computed = 0
 
     def preempt(self, seq: Sequence) -> None:
         """Back to the waiting queue at its arrival place, keeping its generated tokens."""
@@ -172,9 +211,13 @@ class EngineCore:
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
-        chosen = self.policy.schedule(self)
+        ctx = StepContext(self, self.scheduler.name or type(self.scheduler).__name__)
+        self.scheduler.schedule(ctx)
+        chosen = [(view._seq, n) for view, n in ctx.scheduled]
+        self.last_step = [(seq.request_id, n) for seq, n in chosen]
         if not chosen:
             return []
+        self.num_steps += 1
         rows = [self._row(seq, n) for seq, n in chosen]
         scheduled = time.perf_counter()
         result = self.executor.step(StepBatch(rows))
@@ -219,16 +262,17 @@ class EngineCore:
         )
 
     def _register_full_blocks(self, seq: Sequence) -> None:
+        """Make newly completed blocks findable by later requests with the same prefix."""
         if not self.blocks.enable_prefix_caching:
             return
-        bs = self.blocks.block_size
+        bs, full = self.blocks.block_size, seq.num_computed // self.blocks.block_size
+        if full <= seq.num_registered:
+            return
+        hashes = self._chain_hashes(seq, full)
         tokens = seq.tokens
-        for i in range(len(seq.block_hashes), seq.num_computed // bs):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            chunk = tokens[i * bs : (i + 1) * bs]
-            h = chain_hash(parent, chunk)
-            self.blocks.register(seq.block_table[i], h, chunk)
-            seq.block_hashes.append(h)
+        for i in range(seq.num_registered, full):
+            self.blocks.register(seq.block_table[i], hashes[i], tokens[i * bs : (i + 1) * bs])
+        seq.num_registered = full
 
     def _on_token(self, seq: Sequence, choice: TokenChoice) -> RequestOutput | None:
         token = choice.token_id

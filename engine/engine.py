@@ -16,7 +16,7 @@ from engine.errors import EngineDeadError, InvalidRequestError
 from engine.executor import Executor
 from engine.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
 from engine.model_loader import LoadedModel, load_model
-from engine.policy import SchedulingPolicy
+from engine.scheduling import Scheduler
 from engine.request import (
     Completion,
     GenerationRequest,
@@ -32,7 +32,7 @@ Sink = Callable[[RequestOutput | BaseException], None]
 _STOP = object()
 
 
-def build_core(config: EngineConfig, policy: SchedulingPolicy | None = None) -> tuple[EngineCore, LoadedModel]:
+def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, LoadedModel]:
     """Load the model, size and allocate the KV pools, and wire the core together."""
     config.validate()
     loaded = load_model(config.model, config.dtype, config.device)
@@ -47,7 +47,7 @@ def build_core(config: EngineConfig, policy: SchedulingPolicy | None = None) -> 
     else:
         budget = CPU_DEFAULT_KV_GB * 2**30
     # More than every slot filled to the context length can never be used.
-    num_blocks = num_blocks_for(layout, budget, config.max_num_seqs * loaded.max_model_len)
+    num_blocks = config.kv_blocks or num_blocks_for(layout, budget, config.max_num_seqs * loaded.max_model_len)
     kv = KVCache(layout, num_blocks, loaded.device)
     executor = Executor(loaded.model, kv, loaded.device, config.seed)
     blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -58,12 +58,13 @@ def build_core(config: EngineConfig, policy: SchedulingPolicy | None = None) -> 
         loaded.tokenizer,
         limits,
         loaded.eos_token_ids,
+        scheduler,
         SchedulerConfig(config.max_batch_tokens, config.max_num_seqs),
-        policy,
     )
     log.info(
         "engine_ready",
         model=config.model,
+        scheduler=scheduler.name,
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
         kv_blocks=num_blocks,
@@ -74,9 +75,14 @@ def build_core(config: EngineConfig, policy: SchedulingPolicy | None = None) -> 
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, policy: SchedulingPolicy | None = None, **overrides) -> None:
+    """The offline engine. `scheduler` is a policy instance, usually from the plugin registry:
+    `Engine(EngineConfig(model="tiny-llama"), schedulers.load_scheduler("fcfs"))`."""
+
+    def __init__(self, config: EngineConfig | None, scheduler: Scheduler, **overrides) -> None:
+        if not isinstance(scheduler, Scheduler):
+            raise TypeError(f"scheduler must be a Scheduler instance, got {scheduler!r}")
         self.config = replace(config or EngineConfig(), **overrides)
-        self.core, self.model = build_core(self.config, policy)
+        self.core, self.model = build_core(self.config, scheduler)
         self.tokenizer = self.model.tokenizer
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}

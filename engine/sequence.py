@@ -26,17 +26,21 @@ class Sequence:
         prompt_ids: np.ndarray,
         arrival: int,
         detokenizer: IncrementalDetokenizer,
+        arrival_time: float = 0.0,
     ) -> None:
         self.request_id = request_id
         self.request = request
         self.arrival = arrival  # admission order key; preempted sequences keep theirs
+        self.arrival_time = arrival_time
         self.num_prompt = len(prompt_ids)
         self._tokens = np.empty(self.num_prompt + request.stopping.max_new_tokens, dtype=np.int64)
         self._tokens[: self.num_prompt] = prompt_ids
         self.num_tokens = self.num_prompt
         self.num_computed = 0
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chain hashes of the leading full blocks registered
+        self.chain_hashes: list[int] = []  # prefix-cache hashes of the leading full blocks
+        self.num_registered = 0  # leading blocks of block_table findable in the prefix cache
+        self.view = None  # the scheduler's RequestView, made once
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
         self.status = SeqStatus.WAITING
         self.finish_reason: FinishReason | None = None

@@ -1,5 +1,26 @@
 """Scheduler plugins: the public plugin API, its registry and the built-in policies.
 
-For now the engine's own `engine.policy.FcfsPolicy` is the only policy; the plugin API
-(entry points in the `tandem.schedulers` group) is built on `engine.policy.SchedulingPolicy`.
+A plugin subclasses `Scheduler`, sets `name`, implements `schedule(ctx)`, and registers its
+class under the `tandem.schedulers` entry-point group. See docs/schedulers.md.
 """
+from engine.scheduling import API_VERSION, RequestView, Scheduler, SchedulerError, StepContext
+from schedulers.registry import (
+    ENTRY_POINT_GROUP,
+    SchedulerLoadError,
+    available_schedulers,
+    load_scheduler,
+    parse_options,
+)
+
+__all__ = [
+    "API_VERSION",
+    "ENTRY_POINT_GROUP",
+    "RequestView",
+    "Scheduler",
+    "SchedulerError",
+    "SchedulerLoadError",
+    "StepContext",
+    "available_schedulers",
+    "load_scheduler",
+    "parse_options",
+]

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from engine import Engine, EngineConfig, SamplingParams, StoppingCriteria
+from schedulers import load_scheduler
 
 
 def main() -> None:
@@ -25,11 +26,12 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", default="fcfs")
     args = p.parse_args()
 
     rng = np.random.default_rng(args.seed)
     config = EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens)
-    with Engine(config) as engine:
+    with Engine(config, load_scheduler(args.scheduler)) as engine:
         vocab = engine.model.vocab_size
         prompts = [rng.integers(4, vocab, int(rng.integers(*args.prompt_len, endpoint=True))).tolist()
                    for _ in range(args.requests)]

@@ -28,6 +28,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per step (chunked prefill budget)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--scheduler", default="fcfs", help="scheduling policy (see `tandem schedulers`)")
+    g.add_argument("--scheduler-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for the scheduler (repeatable)")
     g.add_argument("-v", "--verbose", action="store_true", help="log engine events to stderr")
 
 
@@ -44,6 +47,12 @@ def _engine_config(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching,
     )
+
+
+def _scheduler(args: argparse.Namespace):
+    from schedulers import load_scheduler, parse_options
+
+    return load_scheduler(args.scheduler, parse_options(args.scheduler_opt))
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +90,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ignore_eos=args.ignore_eos,
         ),
     )
-    with Engine(_engine_config(args)) as engine:
+    scheduler = _scheduler(args)  # fails fast, before the model loads
+    with Engine(_engine_config(args), scheduler) as engine:
 
         async def run() -> tuple[int, str | None, float]:
             count, reason, start = 0, None, time.perf_counter()
@@ -112,6 +122,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedulers(args: argparse.Namespace) -> int:
+    from schedulers.registry import available_schedulers, load_class, options_of
+
+    for name, ep in available_schedulers().items():
+        try:
+            cls = load_class(name)
+        except Exception as exc:  # noqa: BLE001 - list broken plugins too, with the reason
+            print(f"{name}  [cannot load: {exc}]")
+            continue
+        opts = ", ".join(f"{k}={p.default!r}" for k, p in options_of(cls).items()) or "no options"
+        summary = " ".join((cls.__doc__ or "").split()).split(". ")[0]
+        print(f"{name}  ({ep.value}; {opts}) {summary}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="LLM text generation with pluggable schedulers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     models = sub.add_parser("models", help="list the built-in model presets")
     models.set_defaults(func=cmd_models)
+    scheds = sub.add_parser("schedulers", help="list the installed scheduler plugins")
+    scheds.set_defaults(func=cmd_schedulers)
     return parser
 
 

@@ -7,6 +7,7 @@ import torch
 from engine import Engine, EngineConfig
 from engine.engine import build_core
 from engine.model_loader import load_model
+from schedulers import load_scheduler
 
 TINY_PRESETS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-granite"]
 
@@ -14,7 +15,7 @@ TINY_PRESETS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-granite"]
 @pytest.fixture(scope="session")
 def engine() -> Engine:
     """A shared tiny-llama engine; tests must leave it idle."""
-    eng = Engine(EngineConfig(model="tiny-llama", max_batch_tokens=64, max_num_seqs=16, block_size=4))
+    eng = make_engine(model="tiny-llama", max_batch_tokens=64, max_num_seqs=16, block_size=4)
     yield eng
     eng.shutdown()
 
@@ -30,15 +31,14 @@ def reference_model(path):
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
 
 
-def small_core(num_blocks: int, block_size: int = 4, **kw):
+def make_engine(scheduler: str = "fcfs", **config) -> Engine:
+    return Engine(EngineConfig(**config), load_scheduler(scheduler))
+
+
+def small_core(num_blocks: int, block_size: int = 4, scheduler: str = "fcfs", **kw):
     """A core whose KV pool holds exactly `num_blocks` blocks of tiny-llama."""
-    cfg = EngineConfig(model="tiny-llama", block_size=block_size, **kw)
-    probe, loaded = build_core(EngineConfig(model="tiny-llama", block_size=block_size, kv_cache_gb=1e-3))
-    per_block = probe.executor.kv.layout.bytes_per_block
-    cfg.kv_cache_gb = num_blocks * per_block / 2**30
-    core, _ = build_core(cfg)
-    assert core.blocks.num_blocks == num_blocks
-    return core
+    cfg = EngineConfig(model="tiny-llama", block_size=block_size, kv_blocks=num_blocks, **kw)
+    return build_core(cfg, load_scheduler(scheduler))[0]
 
 
 def random_prompts(rng: np.random.Generator, n: int, low: int, high: int, vocab: int = 512) -> list[list[int]]:

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import small_core
-from engine.block_manager import BlockManager, OutOfBlocksError
+from engine.block_manager import BlockManager, OutOfBlocksError, chain_hash
 from engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingCriteria
 
 
@@ -29,22 +29,31 @@ def test_allocate_release_and_lru_eviction() -> None:
         bm.release([b[0]])
 
 
+def _chain(tokens: np.ndarray, bs: int) -> list[int]:
+    hashes, parent = [], None
+    for i in range(len(tokens) // bs):
+        parent = chain_hash(parent, tokens[i * bs : (i + 1) * bs])
+        hashes.append(parent)
+    return hashes
+
+
 def test_prefix_match_checks_content_and_chain() -> None:
     bm = BlockManager(8, block_size=2)
     seq = np.array([5, 6, 7, 8, 9, 10])
     blocks = bm.allocate(3)
-    from engine.block_manager import chain_hash
-
-    parent = None
-    for i, block in enumerate(blocks):
-        parent = chain_hash(parent, seq[2 * i : 2 * i + 2])
-        bm.register(block, parent, seq[2 * i : 2 * i + 2])
-    hit, _ = bm.match_prefix(np.array([5, 6, 7, 8, 1, 1]), 3)
-    assert hit == blocks[:2]
-    hit, _ = bm.match_prefix(np.array([7, 8, 5, 6]), 2)  # same blocks, other order: no hit
-    assert hit == []
-    bm.acquire(hit + blocks[:1])
-    bm.check_invariants([blocks, blocks[:1]])
+    for block, h, i in zip(blocks, _chain(seq, 2), range(3)):
+        bm.register(block, h, seq[2 * i : 2 * i + 2])
+    other = np.array([5, 6, 7, 8, 1, 1])
+    assert bm.match_prefix(_chain(other, 2), other) == blocks[:2]
+    swapped = np.array([7, 8, 5, 6])  # the same blocks in another order: no hit
+    assert bm.match_prefix(_chain(swapped, 2), swapped) == []
+    forged = np.array([9, 9, 9, 9])  # a colliding hash must not hand out another's K/V
+    assert bm.match_prefix(_chain(seq, 2)[:1], forged) == []
+    bm.release(blocks)
+    assert bm.num_unreferenced(blocks) == 3
+    bm.acquire(blocks[:1])
+    assert bm.num_unreferenced(blocks) == 2
+    bm.check_invariants([blocks[:1]])
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_prompts, reference_model
+from conftest import make_engine, random_prompts, reference_model
 from engine import Engine, EngineConfig, SamplingParams, StoppingCriteria
 
 NEW = 12
@@ -15,7 +15,7 @@ NEW = 12
 def test_greedy_batch_equals_transformers_generate(preset: str) -> None:
     prompts = random_prompts(np.random.default_rng(2), 16, 1, 90)
     # A small token budget forces chunked prefill mixed with decodes.
-    with Engine(EngineConfig(model=preset, max_batch_tokens=48, max_num_seqs=8, block_size=8)) as eng:
+    with make_engine(model=preset, max_batch_tokens=48, max_num_seqs=8, block_size=8) as eng:
         stop = StoppingCriteria(max_new_tokens=NEW, min_new_tokens=NEW)
         got = eng.generate(prompts, SamplingParams(temperature=0), stop)
         ref = reference_model(eng.model.path)
@@ -43,7 +43,7 @@ def test_prefix_cache_hits_keep_outputs(engine: Engine) -> None:
 
 def test_prefix_cache_off_has_no_hits() -> None:
     prompt = list(range(3, 60))
-    with Engine(EngineConfig(model="tiny-llama", enable_prefix_caching=False, block_size=4)) as eng:
+    with make_engine(model="tiny-llama", enable_prefix_caching=False, block_size=4) as eng:
         a, b = eng.generate([prompt, prompt], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=4))
         c = eng.generate([prompt], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=4))[0]
         assert c.num_cached_tokens == 0 and eng.core.blocks.num_cached == 0

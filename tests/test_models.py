@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine import Engine, SamplingParams, StoppingCriteria, UnsupportedModelError
+from conftest import make_engine
 from engine.model_loader import load_model
 from engine.presets import PRESETS, preset_path
 
@@ -55,7 +56,7 @@ def test_presets_are_plain_hf_directories() -> None:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_runs(dtype) -> None:
-    with Engine(model="tiny-qwen2", dtype=dtype, device="cpu") as eng:
+    with make_engine(model="tiny-qwen2", dtype=dtype, device="cpu") as eng:
         assert eng.core.executor.kv.k.dtype == getattr(torch, dtype)
         out = eng.generate([[5, 6, 7, 8]], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=8, ignore_eos=True))
         assert len(out[0].token_ids) == 8

@@ -6,6 +6,8 @@ import threading
 
 import pytest
 
+from conftest import make_engine
+
 from engine import Engine, GenerationRequest, InvalidRequestError, OutputOptions, SamplingParams, StoppingCriteria
 
 S, T = SamplingParams, StoppingCriteria
@@ -46,7 +48,7 @@ def test_invalid_request_names_its_field(engine: Engine, field, kwargs) -> None:
 
 
 def test_prompt_over_kv_capacity_is_refused() -> None:
-    with Engine(model="tiny-llama", kv_cache_gb=64 * 512 / 2**30, block_size=16) as eng:
+    with make_engine(model="tiny-llama", kv_blocks=4, block_size=16) as eng:
         assert eng.core.limits.kv_capacity_tokens == 64
         with pytest.raises(InvalidRequestError, match="KV cache") as info:
             eng.generate([[5] * 70])

@@ -1,0 +1,17 @@
+"""First come, first served."""
+from __future__ import annotations
+
+from engine.scheduling import Scheduler, StepContext
+from schedulers.steps import admit_waiting, continue_running
+
+
+class Fcfs(Scheduler):
+    """Running requests first (decodes and prefill chunks, in admission order), then waiting
+    ones in arrival order. When KV runs out the newest running request is preempted by
+    recompute, and nothing new is admitted that step. Ignores priority."""
+
+    name = "fcfs"
+
+    def schedule(self, ctx: StepContext) -> None:
+        if not continue_running(ctx):
+            admit_waiting(ctx)
