@@ -98,6 +98,13 @@ class BlockManager:
         self._hash_of[block] = block_hash
         self._tokens_of[block] = tokens.tobytes()
 
+    def clear_cache(self) -> None:
+        """Forget every cached block that nobody owns (owned ones stay findable)."""
+        for block in self._evictable:
+            self._forget(block)
+            self._free.append(block)
+        self._evictable.clear()
+
     # -- ownership -------------------------------------------------------------------------
     def acquire(self, blocks: list[int]) -> None:
         """Take a reference on already-computed blocks (prefix-cache hits)."""

@@ -54,6 +54,9 @@ def test_prefix_match_checks_content_and_chain() -> None:
     bm.acquire(blocks[:1])
     assert bm.num_unreferenced(blocks) == 2
     bm.check_invariants([blocks[:1]])
+    bm.clear_cache()
+    assert bm.num_cached == 1 and bm.num_free == 7  # only the owned block stays findable
+    bm.check_invariants([blocks[:1]])
 
 
 @pytest.fixture(scope="module")
