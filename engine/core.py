@@ -17,7 +17,8 @@ import numpy as np
 
 from engine.block_manager import BlockManager, chain_hash
 from engine.detokenizer import IncrementalDetokenizer
-from engine.executor import Executor, StepBatch, StepRow, TokenChoice
+from engine.batch import StepBatch, StepRow, placeholder
+from engine.executor import Executor, StepHandle, TokenChoice
 from engine.scheduling import RequestView, Scheduler, StepContext
 from engine.request import (
     FinishReason,
@@ -41,6 +42,13 @@ class CoreStats:
 
     schedule_seconds: float = 0.0
     output_seconds: float = 0.0
+
+
+@dataclass
+class _Launched:
+    handle: StepHandle
+    seqs: list[Sequence]  # the step's rows, in order
+    sampled: list[tuple[Sequence, int]]  # per sampled row: the sequence and its placeholder's index
 
 
 @dataclass
@@ -71,6 +79,8 @@ class EngineCore:
         self.running: list[Sequence] = []
         self._by_id: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+        self.overlap = bool(getattr(scheduler, "overlap", False))
+        self._inflight: _Launched | None = None  # overlap mode: the step launched, not yet completed
         self.num_preemptions = 0
         self.num_steps = 0
         self.last_step: list[tuple[str, int]] = []  # (request id, tokens) of the latest step
@@ -111,15 +121,10 @@ class EngineCore:
         seq = self._by_id.get(request_id)
         if seq is None:
             return None
-        if seq.status is SeqStatus.WAITING:
-            self.waiting.remove(seq)
-        else:
-            self.running.remove(seq)
-        self.release(seq)
         return self._finish(seq, FinishReason.ABORTED, [])
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._inflight is not None)
 
     @property
     def num_requests(self) -> int:
@@ -210,29 +215,63 @@ class EngineCore:
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the step that completes.
+
+        Synchronous mode completes the step it launched. Overlap mode (a scheduler with
+        `overlap = True`) launches step N+1 before completing step N: N+1 is planned with a
+        placeholder for every token N samples, which the device fills in from N's output.
+        """
         started = time.perf_counter()
+        launched = self._launch() if (self.waiting or self.running) else None
+        launched_at = time.perf_counter()
+        if self.overlap:
+            done, self._inflight = self._inflight, launched
+        else:
+            done = launched
+        outputs = self._complete(done) if done is not None else []
+        self.stats.schedule_seconds += launched_at - started
+        self.stats.output_seconds += time.perf_counter() - launched_at
+        return outputs
+
+    def _launch(self) -> _Launched | None:
         ctx = StepContext(self, self.scheduler.name or type(self.scheduler).__name__)
         self.scheduler.schedule(ctx)
         chosen = [(view._seq, n) for view, n in ctx.scheduled]
         self.last_step = [(seq.request_id, n) for seq, n in chosen]
         if not chosen:
-            return []
+            return None
         self.num_steps += 1
         rows = [self._row(seq, n) for seq, n in chosen]
-        scheduled = time.perf_counter()
-        result = self.executor.step(StepBatch(rows))
-        collected = time.perf_counter()
-        choices = iter(result.choices)
-        outputs = []
+        prev = self._inflight.handle if self._inflight is not None else None
+        handle = self.executor.launch(StepBatch(rows), prev)
+        sampled: list[tuple[Sequence, int]] = []
         for (seq, n), row in zip(chosen, rows):
             seq.num_computed += n
-            self._register_full_blocks(seq)
-            if row.sample is not None:
-                out = self._on_token(seq, next(choices))
-                if out is not None:
-                    outputs.append(out)
-        self.stats.schedule_seconds += scheduled - started
-        self.stats.output_seconds += time.perf_counter() - collected
+            if row.sample is None:
+                continue
+            seq.append(placeholder(len(sampled)))
+            sampled.append((seq, seq.num_tokens - 1))
+            if seq.num_output >= seq.request.stopping.max_new_tokens:
+                # Certainly its last token: nothing more to schedule. Releasing now is safe
+                # even while the step runs: later steps, which alone can reuse the blocks,
+                # run after it on the same in-order device queue.
+                self.running.remove(seq)
+                self.release(seq)
+                seq.status = SeqStatus.DRAINING
+        return _Launched(handle, [seq for seq, _ in chosen], sampled)
+
+    def _complete(self, launched: _Launched) -> list[RequestOutput]:
+        result = self.executor.collect(launched.handle)
+        live = [(seq, i, c) for (seq, i), c in zip(launched.sampled, result.choices) if seq.status is not SeqStatus.FINISHED]
+        for seq, index, choice in live:
+            seq.set_token(index, choice.token_id)
+        for seq in launched.seqs:
+            if seq.status is not SeqStatus.FINISHED:
+                self._register_full_blocks(seq)
+        outputs = []
+        for seq, index, choice in live:
+            if seq.status is not SeqStatus.FINISHED:  # a stop earlier in this loop can't end it, but be exact
+                outputs.append(self._on_token(seq, choice, index - seq.num_prompt + 1))
         return outputs
 
     def _row(self, seq: Sequence, n: int) -> StepRow:
@@ -274,9 +313,9 @@ class EngineCore:
             self.blocks.register(seq.block_table[i], hashes[i], tokens[i * bs : (i + 1) * bs])
         seq.num_registered = full
 
-    def _on_token(self, seq: Sequence, choice: TokenChoice) -> RequestOutput | None:
+    def _on_token(self, seq: Sequence, choice: TokenChoice, count: int) -> RequestOutput:
+        """Stop checks, detokenization and the output for `seq`'s `count`-th token."""
         token = choice.token_id
-        seq.append(token)
         if seq.logprobs is not None:
             seq.logprobs.append(TokenLogprob(token, choice.logprob, choice.top))
         stopping = seq.request.stopping
@@ -287,20 +326,23 @@ class EngineCore:
             reason = FinishReason.STOP_TOKEN
         else:
             seq.detokenizer.push(token)
-            if seq.num_output >= stopping.min_new_tokens and seq.detokenizer.find_stop():
+            if count >= stopping.min_new_tokens and seq.detokenizer.find_stop():
                 reason = FinishReason.STOP_STRING
-            elif seq.num_output >= stopping.max_new_tokens:
+            elif count >= stopping.max_new_tokens:
                 reason = FinishReason.LENGTH
         new_lps = seq.logprobs[-1:] if seq.logprobs is not None else None
         if reason is None:
             return self._output(seq, [token], seq.detokenizer.delta(final=False), new_lps)
-        self.running.remove(seq)
-        self.release(seq)
         return self._finish(seq, reason, [token], new_lps)
 
     def _finish(
         self, seq: Sequence, reason: FinishReason, tokens: list[int], lps: list[TokenLogprob] | None = None
     ) -> RequestOutput:
+        if seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        self.release(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         del self._by_id[seq.request_id]
@@ -322,6 +364,7 @@ class EngineCore:
         )
 
     def check_invariants(self) -> None:
+        """Block accounting holds (while a step is in flight too)."""
         self.blocks.check_invariants([s.block_table for s in self.running])
         for seq in self.waiting:
             assert not seq.block_table, f"waiting {seq.request_id} holds blocks"

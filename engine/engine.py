@@ -14,6 +14,7 @@ from engine.config import CPU_DEFAULT_KV_GB, EngineConfig
 from engine.core import EngineCore, SchedulerConfig
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.executor import Executor
+from engine.executor_worker import WorkerExecutor
 from engine.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
 from engine.model_loader import LoadedModel, load_model
 from engine.scheduling import Scheduler
@@ -30,6 +31,17 @@ from engine.request import (
 log = structlog.get_logger("tandem.engine")
 Sink = Callable[[RequestOutput | BaseException], None]
 _STOP = object()
+
+
+def make_executor(loaded: LoadedModel, kv: KVCache, seed: int, overlap: bool) -> Executor:
+    """Synchronous, or for overlap a background one: a worker thread on the CPU, streams on CUDA."""
+    if not overlap:
+        return Executor(loaded.model, kv, loaded.device, seed)
+    if loaded.device.type == "cuda":
+        from engine.executor_cuda import CudaExecutor
+
+        return CudaExecutor(loaded.model, kv, loaded.device, seed)
+    return WorkerExecutor(loaded.model, kv, loaded.device, seed)
 
 
 def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, LoadedModel]:
@@ -49,7 +61,7 @@ def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, 
     # More than every slot filled to the context length can never be used.
     num_blocks = config.kv_blocks or num_blocks_for(layout, budget, config.max_num_seqs * loaded.max_model_len)
     kv = KVCache(layout, num_blocks, loaded.device)
-    executor = Executor(loaded.model, kv, loaded.device, config.seed)
+    executor = make_executor(loaded, kv, config.seed, overlap=bool(getattr(scheduler, "overlap", False)))
     blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     limits = ModelLimits(loaded.vocab_size, loaded.max_model_len, kv.capacity_tokens)
     core = EngineCore(
@@ -157,6 +169,7 @@ class Engine:
     def shutdown(self) -> None:
         self._commands.put((_STOP, None))
         self._thread.join()
+        self.core.executor.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -168,6 +181,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             try:
+                if not self.core.has_work():
+                    self.core.executor.pause()
                 if not self._apply(self._commands.get(block=not self.core.has_work())):
                     return
                 while True:

@@ -59,6 +59,20 @@ class SamplingTensors:
     presence_frequency: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     want_logprobs: bool
     num_top: int
+    has_placeholders: bool = False  # penalty histories hold tokens of the previous step
+
+    def resolve(self, prev_tokens: torch.Tensor) -> None:
+        """Replace placeholder ids in penalty histories by the previous step's tokens."""
+        if self.repetition is not None:
+            penalty, rows, ids = self.repetition
+            self.repetition = (penalty, rows, _resolve(ids, prev_tokens))
+        if self.presence_frequency is not None:
+            pres, freq, rows, ids = self.presence_frequency
+            self.presence_frequency = (pres, freq, rows, _resolve(ids, prev_tokens))
+
+
+def _resolve(ids: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+    return torch.where(ids < 0, prev_tokens[(-ids - 1).clamp(min=0)], ids)
 
 
 def _sparse(rows: list[np.ndarray], cols: list[np.ndarray], device: torch.device):
@@ -141,6 +155,7 @@ def build_sampling(specs: list[SampleSpec], device: torch.device, rng: np.random
         presence_frequency=presence_frequency,
         want_logprobs=any(s.logprobs or s.top_logprobs for s in specs),
         num_top=max((s.top_logprobs for s in specs), default=0),
+        has_placeholders=any(s.output_ids is not None and (s.output_ids < 0).any() for s in specs),
     )
 
 

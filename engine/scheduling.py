@@ -43,6 +43,7 @@ class Scheduler(ABC):
     name: ClassVar[str] = ""
     api_version: ClassVar[int] = API_VERSION
     uses_priority: ClassVar[bool] = False  # whether GenerationRequest.priority changes decisions
+    overlap: ClassVar[bool] = False  # run steps pipelined: plan N+1 while N computes (async-overlap)
 
     @abstractmethod
     def schedule(self, ctx: StepContext) -> None:

@@ -12,6 +12,7 @@ from engine.request import FinishReason, GenerationRequest, TokenLogprob
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    DRAINING = "draining"  # its last token is still being computed; holds no blocks
     FINISHED = "finished"
 
 
@@ -71,3 +72,7 @@ class Sequence:
     def append(self, token_id: int) -> None:
         self._tokens[self.num_tokens] = token_id
         self.num_tokens += 1
+
+    def set_token(self, index: int, token_id: int) -> None:
+        """Fill in a token that was appended as a placeholder."""
+        self._tokens[index] = token_id

@@ -63,14 +63,20 @@ def load_scheduler(name: str, options: Mapping[str, object] | None = None) -> Sc
     of the option's default."""
     cls = load_class(name)
     known = options_of(cls)
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
     kwargs = {}
     for key, raw in (options or {}).items():
+        if key not in known and open_ended:  # passed through (async-overlap: to its policy)
+            kwargs[key] = raw
+            continue
         if key not in known:
             valid = ", ".join(known) or "none"
             raise SchedulerLoadError(f"scheduler {name!r} has no option {key!r}; its options: {valid}")
         kwargs[key] = _convert(name, key, raw, known[key].default)
     try:
         return cls(**kwargs)
+    except SchedulerLoadError:
+        raise
     except (TypeError, ValueError) as exc:
         raise SchedulerLoadError(f"scheduler {name!r}: {exc}") from exc
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import TINY_PRESETS, reference_model
-from engine.executor import Executor, StepBatch, StepRow
+from engine.batch import StepBatch, StepRow
+from engine.executor import Executor
 from engine.kv_cache import KVCache, KVLayout
 from engine.model_loader import load_model
 

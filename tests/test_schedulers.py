@@ -182,7 +182,7 @@ def test_example_plugin_runs_by_its_entry_point_name(sjf_installed) -> None:
     assert report.preemptions > 0
     tandem = Path(sys.executable).parent / "tandem"
     listing = subprocess.run([str(tandem), "schedulers"], capture_output=True, text=True, check=True).stdout
-    assert [line.split()[0] for line in listing.splitlines()] == ["fcfs", "prefill-priority", "sjf"]
+    assert [line.split()[0] for line in listing.splitlines()] == ["async-overlap", "fcfs", "prefill-priority", "sjf"]
     gen = subprocess.run([str(tandem), "generate", "Hello", "--scheduler", "sjf", "--scheduler-opt", "aging=2",
                           "--max-new-tokens", "8", "--ignore-eos", "--stats"], capture_output=True, text=True)
     assert gen.returncode == 0 and "8 tokens" in gen.stderr, gen.stderr
