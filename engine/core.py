@@ -37,8 +37,9 @@ from engine.sequence import Sequence, SeqStatus
 
 @dataclass
 class CoreStats:
-    """Host time around the executor: the scheduling decision and batch building, then
-    turning sampled tokens into outputs (stop checks, detokenization)."""
+    """Host time around the executor: the scheduling decision and building the rows, then
+    turning sampled tokens into outputs (stop checks, detokenization). Neither includes
+    waiting for the device."""
 
     schedule_seconds: float = 0.0
     output_seconds: float = 0.0
@@ -221,19 +222,15 @@ class EngineCore:
         `overlap = True`) launches step N+1 before completing step N: N+1 is planned with a
         placeholder for every token N samples, which the device fills in from N's output.
         """
-        started = time.perf_counter()
         launched = self._launch() if (self.waiting or self.running) else None
-        launched_at = time.perf_counter()
         if self.overlap:
             done, self._inflight = self._inflight, launched
         else:
             done = launched
-        outputs = self._complete(done) if done is not None else []
-        self.stats.schedule_seconds += launched_at - started
-        self.stats.output_seconds += time.perf_counter() - launched_at
-        return outputs
+        return self._complete(done) if done is not None else []
 
     def _launch(self) -> _Launched | None:
+        started = time.perf_counter()
         ctx = StepContext(self, self.scheduler.name or type(self.scheduler).__name__)
         self.scheduler.schedule(ctx)
         chosen = [(view._seq, n) for view, n in ctx.scheduled]
@@ -242,6 +239,7 @@ class EngineCore:
             return None
         self.num_steps += 1
         rows = [self._row(seq, n) for seq, n in chosen]
+        self.stats.schedule_seconds += time.perf_counter() - started
         prev = self._inflight.handle if self._inflight is not None else None
         handle = self.executor.launch(StepBatch(rows), prev)
         sampled: list[tuple[Sequence, int]] = []
@@ -262,6 +260,7 @@ class EngineCore:
 
     def _complete(self, launched: _Launched) -> list[RequestOutput]:
         result = self.executor.collect(launched.handle)
+        started = time.perf_counter()
         live = [(seq, i, c) for (seq, i), c in zip(launched.sampled, result.choices) if seq.status is not SeqStatus.FINISHED]
         for seq, index, choice in live:
             seq.set_token(index, choice.token_id)
@@ -272,6 +271,7 @@ class EngineCore:
         for seq, index, choice in live:
             if seq.status is not SeqStatus.FINISHED:  # a stop earlier in this loop can't end it, but be exact
                 outputs.append(self._on_token(seq, choice, index - seq.num_prompt + 1))
+        self.stats.output_seconds += time.perf_counter() - started
         return outputs
 
     def _row(self, seq: Sequence, n: int) -> StepRow:

@@ -82,6 +82,7 @@ class Executor:
         return handle
 
     def collect(self, handle: StepHandle) -> StepResult:
+        handle.prev = None  # computed: its predecessor's outputs are no longer needed (no chain)
         if handle.error is not None:
             raise handle.error
         return self._read(handle.output)
