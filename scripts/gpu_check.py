@@ -1,0 +1,136 @@
+"""GPU validation of async overlap: one short, self-contained run (nothing downloaded).
+
+    python scripts/gpu_check.py --json gpu_check.json
+
+On CUDA it builds a random-weight Llama-architecture model of about 0.5B parameters (bf16),
+checks that synchronous fcfs and async-overlap give identical tokens, and prints output
+tokens/s and the device-idle fraction for both at two batch sizes, next to transformers' own
+continuous batching (`generate_batch`) with and without its async batching, on the same model
+and prompts. Without CUDA it makes the same pass on a tiny model on the CPU (CI runs it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import Engine, EngineConfig, SamplingParams, StoppingCriteria  # noqa: E402
+from engine.presets import train_tokenizer  # noqa: E402
+from schedulers import load_scheduler  # noqa: E402
+
+GPU_MODEL = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+CPU_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+
+
+def build_model(out: Path, cuda: bool) -> int:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    spec = GPU_MODEL if cuda else CPU_MODEL
+    config = LlamaConfig(**spec, bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
+                         initializer_range=0.02 if cuda else 0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
+    model.save_pretrained(out)
+    train_tokenizer(spec["vocab_size"]).save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_tandem(path: Path, scheduler: str, batch: int, prompts, new: int, device: str) -> dict:
+    config = EngineConfig(model=str(path), device=device, max_num_seqs=batch, max_batch_tokens=max(2048, batch * 16))
+    sched = load_scheduler(scheduler, {"policy": "fcfs"} if scheduler == "async-overlap" else {})
+    stop = StoppingCriteria(max_new_tokens=new, ignore_eos=True)
+    with Engine(config, sched) as engine:
+        engine.generate(prompts[:2], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=4))
+        stats = engine.core.executor.stats
+        busy0, idle0 = stats.busy_seconds, stats.idle_seconds
+        start = time.perf_counter()
+        done = engine.generate(prompts, SamplingParams(temperature=0), stop)
+        wall = time.perf_counter() - start
+        busy, idle = stats.busy_seconds - busy0, stats.idle_seconds - idle0
+    tokens = sum(len(c.token_ids) for c in done)
+    return dict(system=f"tandem {scheduler}", batch=batch, tokens_per_s=tokens / wall, wall_s=wall,
+                idle_fraction=idle / (busy + idle) if busy + idle else None, outputs=[c.token_ids for c in done])
+
+
+def run_transformers(path: Path, batch: int, prompts, new: int, device: str, use_async: bool) -> dict:
+    row = dict(system=f"transformers generate_batch{' async' if use_async else ''}", batch=batch,
+               tokens_per_s=None, wall_s=None, idle_fraction=None)
+    try:
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        gen = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=1, pad_token_id=2)
+        kwargs = {}
+        try:
+            from transformers import ContinuousBatchingConfig
+
+            kwargs["continuous_batching_config"] = ContinuousBatchingConfig(
+                use_async_batching=use_async, max_requests_per_batch=batch, auto_switch_to_flash=False
+            )
+        except (ImportError, TypeError) as exc:
+            if use_async:
+                raise RuntimeError(f"async batching not configurable in this transformers: {exc}") from exc
+        model.generate_batch(prompts[:2], generation_config=gen, **kwargs)
+        start = time.perf_counter()
+        out = model.generate_batch(prompts, generation_config=gen, **kwargs)
+        wall = time.perf_counter() - start
+        tokens = sum(len(o.generated_tokens) for o in out.values())
+        row.update(tokens_per_s=tokens / wall, wall_s=wall)
+    except Exception as exc:  # noqa: BLE001 - a peer's API drift must not stop our check
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", default="gpu_check.json")
+    p.add_argument("--cpu", action="store_true", help="force the CPU dry pass")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = "cuda" if cuda else "cpu"
+    batches, new = ((8, 64), 64) if cuda else ((4, 8), 16)
+    report = dict(device=torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=[])
+    import transformers
+
+    report["transformers"] = transformers.__version__
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        report["parameters"] = build_model(path, cuda)
+        rng = np.random.default_rng(0)
+        identical = True
+        for batch in batches:
+            prompts = [rng.integers(4, 500, int(rng.integers(32, 257))).tolist() for _ in range(2 * batch)]
+            sync = run_tandem(path, "fcfs", batch, prompts, new, device)
+            overlap = run_tandem(path, "async-overlap", batch, prompts, new, device)
+            same = sync.pop("outputs") == overlap.pop("outputs")
+            identical &= same
+            report["rows"] += [sync, overlap]
+            for use_async in (False, True):
+                report["rows"].append(run_transformers(path, batch, prompts, new, device, use_async))
+        report["sync_async_identical"] = identical
+    print(f"device={report['device']} params={report['parameters'] / 1e6:.1f}M torch={report['torch']} "
+          f"transformers={report['transformers']} sync==async: {identical}")
+    print(f"{'system':<40}{'batch':>6}{'tok/s':>10}{'idle':>8}")
+    for r in report["rows"]:
+        tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "-"
+        idle = f"{r['idle_fraction']:.1%}" if r["idle_fraction"] is not None else "-"
+        print(f"{r['system']:<40}{r['batch']:>6}{tps:>10}{idle:>8}" + (f"  ({r['error']})" if "error" in r else ""))
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
