@@ -29,6 +29,9 @@ class CudaExecutor(Executor):
         self._copied: list[torch.cuda.Event | None] = [None, None]  # last h2d copy out of each buffer
         self._slot = 0
         self._last_end: torch.cuda.Event | None = None
+        # Weights and KV pools were written on the default stream, which the new streams do
+        # not wait for.
+        torch.cuda.synchronize(device)
 
     def pause(self) -> None:
         self._last_end = None
