@@ -82,6 +82,7 @@ class EngineCore:
         self._arrivals = itertools.count()
         self.overlap = bool(getattr(scheduler, "overlap", False))
         self._inflight: _Launched | None = None  # overlap mode: the step launched, not yet completed
+        self._draining: list[Sequence] = []  # last token in flight: unschedulable, blocks still held
         self.num_preemptions = 0
         self.num_steps = 0
         self.last_step: list[tuple[str, int]] = []  # (request id, tokens) of the latest step
@@ -250,11 +251,10 @@ class EngineCore:
             seq.append(placeholder(len(sampled)))
             sampled.append((seq, seq.num_tokens - 1))
             if seq.num_output >= seq.request.stopping.max_new_tokens:
-                # Certainly its last token: nothing more to schedule. Releasing now is safe
-                # even while the step runs: later steps, which alone can reuse the blocks,
-                # run after it on the same in-order device queue.
+                # Certainly its last token: nothing more to schedule. It keeps its blocks
+                # until the step completes, so its full blocks still reach the prefix cache.
                 self.running.remove(seq)
-                self.release(seq)
+                self._draining.append(seq)
                 seq.status = SeqStatus.DRAINING
         return _Launched(handle, [seq for seq, _ in chosen], sampled)
 
@@ -317,7 +317,8 @@ class EngineCore:
         """Stop checks, detokenization and the output for `seq`'s `count`-th token."""
         token = choice.token_id
         if seq.logprobs is not None:
-            seq.logprobs.append(TokenLogprob(token, choice.logprob, choice.top))
+            # The batch computes the largest top-N any row asked for; each gets its own N.
+            seq.logprobs.append(TokenLogprob(token, choice.logprob, choice.top[: seq.request.output.top_logprobs]))
         stopping = seq.request.stopping
         reason = None
         if token in self.eos_token_ids and not stopping.ignore_eos:
@@ -326,7 +327,9 @@ class EngineCore:
             reason = FinishReason.STOP_TOKEN
         else:
             seq.detokenizer.push(token)
-            if count >= stopping.min_new_tokens and seq.detokenizer.find_stop():
+            if count < stopping.min_new_tokens:
+                seq.detokenizer.ignore_stops_so_far()
+            elif seq.detokenizer.find_stop():
                 reason = FinishReason.STOP_STRING
             elif count >= stopping.max_new_tokens:
                 reason = FinishReason.LENGTH
@@ -342,6 +345,10 @@ class EngineCore:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+        elif seq.status is SeqStatus.DRAINING:
+            self._draining.remove(seq)
+        # NOTE: in overlap mode a step still in flight may write these blocks. Freeing them
+        # now is safe: only later steps can reuse them, and the device runs steps in order.
         self.release(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
@@ -365,6 +372,6 @@ class EngineCore:
 
     def check_invariants(self) -> None:
         """Block accounting holds (while a step is in flight too)."""
-        self.blocks.check_invariants([s.block_table for s in self.running])
+        self.blocks.check_invariants([s.block_table for s in self.running + self._draining])
         for seq in self.waiting:
             assert not seq.block_table, f"waiting {seq.request_id} holds blocks"

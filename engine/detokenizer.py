@@ -20,6 +20,7 @@ class IncrementalDetokenizer:
         self._read = 0
         self.text = ""  # decoded so far (complete characters only)
         self.emitted = 0  # characters of `text` already streamed
+        self._stop_floor = 0  # a stop string must end after this many characters
         self.stopped_by: str | None = None
 
     def _window(self, end: int | None = None) -> str:
@@ -41,13 +42,17 @@ class IncrementalDetokenizer:
         self.text += new_text[len(prefix_text) :]
         self._prefix = self._read = len(self.ids)
 
+    def ignore_stops_so_far(self) -> None:
+        """Stop strings ending in the text so far do not count (min_new_tokens not reached)."""
+        self._stop_floor = len(self.text)
+
     def find_stop(self) -> bool:
         """Look for a stop string in the not-yet-streamed text; on a hit, cut the text there."""
         if not self.stop_strings or self.stopped_by is not None:
             return False
-        begin = max(0, self.emitted - self._holdback)
         best = None
         for stop in self.stop_strings:
+            begin = max(0, self.emitted - self._holdback, self._stop_floor - len(stop) + 1)
             at = self.text.find(stop, begin)
             if at != -1 and (best is None or at < best[0]):
                 best = (at, stop)

@@ -190,6 +190,9 @@ class Engine:
                         return
             except queue.Empty:
                 pass
+            except BaseException as exc:  # noqa: BLE001 - every request must hear of it
+                self._fail(exc)
+                return
             if self.core.has_work():
                 try:
                     outputs = self.core.step()

@@ -37,8 +37,13 @@ class CudaExecutor(Executor):
         self._last_end = None
 
     def launch(self, batch: StepBatch, prev: StepHandle | None = None) -> StepHandle:
-        with torch.cuda.stream(self.compute):  # small sampling tensors are enqueued on compute
+        # Sampling tensors are copied on h2d too: a pageable copy synchronizes its stream,
+        # and the compute stream may still be busy with the previous step.
+        with torch.cuda.stream(self.h2d):
             handle = self._prepare(batch, prev)
+        if handle.sampling is not None:
+            for t in handle.sampling.tensors():
+                t.record_stream(self.compute)
         flat, copied = self._copy_inputs(handle.host.flat)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.compute):

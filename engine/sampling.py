@@ -61,6 +61,16 @@ class SamplingTensors:
     num_top: int
     has_placeholders: bool = False  # penalty histories hold tokens of the previous step
 
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.greedy, self.temperature, self.uniforms]
+        for value in (self.top_k, self.top_p, self.min_p, self.bias, self.suppress, self.repetition,
+                      self.presence_frequency):
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+            elif isinstance(value, tuple):
+                out.extend(value)
+        return out
+
     def resolve(self, prev_tokens: torch.Tensor) -> None:
         """Replace placeholder ids in penalty histories by the previous step's tokens."""
         if self.repetition is not None:
@@ -198,8 +208,8 @@ def _draw(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         cdf = probs.double().cumsum(dim=-1)
         pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
         vocab = torch.arange(probs.shape[-1], device=probs.device)
-        last = torch.where(probs > 0, vocab, -1).amax(dim=-1)
-        return torch.minimum(pos, last)
+        last = torch.where(probs > 0, vocab, -1).amax(dim=-1).clamp(min=0)
+        return _or_argmax(torch.minimum(pos, last), cdf, logits)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     keep = torch.ones_like(probs, dtype=torch.bool)
@@ -207,9 +217,10 @@ def _draw(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     if st.top_k is not None:
         k = torch.where(st.top_k > 0, st.top_k, probs.shape[-1])
         keep &= rank[None, :] < k[:, None]
-    if st.top_p is not None:
-        before = probs.cumsum(dim=-1) - probs
-        keep &= before < st.top_p[:, None]
+    if st.top_p is not None:  # on the top-k distribution, renormalized (as transformers and vLLM)
+        kept = probs * keep
+        kept = kept / kept.sum(dim=-1, keepdim=True)
+        keep &= (kept.cumsum(dim=-1) - kept) < st.top_p[:, None]
     if st.min_p is not None:
         keep &= probs >= st.min_p[:, None] * probs[:, :1]
     keep[:, 0] = True
@@ -217,7 +228,14 @@ def _draw(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     cdf = probs.double().cumsum(dim=-1)
     pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
     pos = torch.minimum(pos, keep.sum(dim=-1) - 1)
-    return order.gather(1, pos[:, None]).squeeze(1)
+    return _or_argmax(order.gather(1, pos[:, None]).squeeze(1), cdf, logits)
+
+
+def _or_argmax(tokens: torch.Tensor, cdf: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Rows whose distribution is degenerate (NaN, or all -inf) fall back to argmax, so a
+    token id is always a valid index, never -1."""
+    total = cdf[:, -1]
+    return torch.where(torch.isfinite(total) & (total > 0), tokens, logits.argmax(dim=-1))
 
 
 def sample(raw_logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:

@@ -134,3 +134,13 @@ def test_async_overlap_option_errors_name_the_wrapped_policy() -> None:
         load_scheduler("async-overlap", {"policy": "nope"})
     inner = load_scheduler("async-overlap", {"policy": "prefill-priority", "max_decode_stall": "3"}).inner
     assert inner.max_decode_stall == 3
+
+
+@pytest.mark.parametrize("scheduler", ["fcfs", "async-overlap"])
+def test_length_finished_requests_still_fill_the_prefix_cache(scheduler: str) -> None:
+    with make_engine(scheduler, model="tiny-llama", block_size=4) as eng:
+        prompt = list(range(4, 13))  # two full blocks, then one token
+        eng.generate([prompt], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=1))
+        again = eng.generate([prompt], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=1))[0]
+        assert again.num_cached_tokens == 8
+        assert eng.core.blocks.num_used == 0

@@ -93,3 +93,20 @@ def test_engine_stop_string_and_finish_reasons(engine: Engine) -> None:
         StoppingCriteria(max_new_tokens=6, min_new_tokens=4),
     )[0]
     assert len(held.token_ids) == 5 and held.token_ids[-1] == 1 and 1 not in held.token_ids[:4]
+
+
+def test_stop_strings_before_min_new_tokens_do_not_count(tiny_llama) -> None:
+    tok = tiny_llama.tokenizer
+    first = tok.encode("xx STOP yy", add_special_tokens=False)
+    second = tok.encode(" and STOP zz", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, ["STOP"])
+    for token in first:  # still under min_new_tokens: the engine tells it to ignore these
+        detok.push(token)
+        detok.ignore_stops_so_far()
+    found = False
+    for token in second:
+        detok.push(token)
+        if detok.find_stop():
+            found = True
+            break
+    assert found and detok.text == "xx STOP yy and "

@@ -109,3 +109,39 @@ def test_stream_yields_deltas(engine: Engine) -> None:
     outs = asyncio.run(run())
     assert sum(len(o.token_ids) for o in outs) == 16 and outs[-1].finished and not outs[0].finished
     assert outs[0].num_prompt_tokens == 3
+
+
+def test_top_p_applies_to_the_renormalized_top_k() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    n = 20000
+    st = build_sampling([SampleSpec(SamplingParams(top_k=3, top_p=0.75), 0)] * n, torch.device("cpu"),
+                        np.random.default_rng(1))
+    freq = torch.bincount(sample(logits.expand(n, -1), st).tokens, minlength=5).double() / n
+    assert torch.allclose(freq, torch.tensor([5 / 7, 2 / 7, 0, 0, 0], dtype=torch.float64), atol=0.015)
+
+
+def test_degenerate_rows_still_give_a_valid_token() -> None:
+    logits = torch.full((3, 5), float("-inf"))
+    logits[2] = float("nan")
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)):
+        st = build_sampling([SampleSpec(params, 0)] * 3, torch.device("cpu"), np.random.default_rng(0))
+        tokens = sample(logits, st).tokens
+        assert ((tokens >= 0) & (tokens < 5)).all()
+
+
+def test_each_request_gets_its_own_number_of_top_logprobs(engine: Engine) -> None:
+    import threading
+
+    got, done = {}, threading.Semaphore(0)
+
+    def sink(out):
+        got.setdefault(out.request_id, []).extend(out.logprobs or [])
+        if out.finished:
+            done.release()
+
+    for rid, opts in (("five", OutputOptions(logprobs=True, top_logprobs=5)),
+                      ("two", OutputOptions(top_logprobs=2)), ("none", OutputOptions(logprobs=True))):
+        engine.submit(GenerationRequest([4, 5, 6], SamplingParams(temperature=0), STOP, opts, request_id=rid), sink)
+    for _ in range(3):
+        done.acquire()
+    assert {rid: {len(lp.top) for lp in lps} for rid, lps in got.items()} == {"five": {5}, "two": {2}, "none": {0}}
