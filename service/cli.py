@@ -113,6 +113,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine import Engine
+    from service.server import run
+
+    scheduler = _scheduler(args)
+    return run(Engine(_engine_config(args), scheduler), args.host, args.port, args.grace)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from engine.presets import PRESETS
 
@@ -144,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_args(gen)
     _engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+    serve = sub.add_parser("serve", help="serve tandem.v1 over gRPC")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 or [::] in a mesh)")
+    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+    _engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
     models = sub.add_parser("models", help="list the built-in model presets")
     models.set_defaults(func=cmd_models)
     scheds = sub.add_parser("schedulers", help="list the installed scheduler plugins")

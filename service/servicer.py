@@ -1,0 +1,95 @@
+"""tandem.v1.GenerationService on the engine."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import structlog
+
+from engine import Engine, EngineDeadError, GenerationRequest, InvalidRequestError
+from service.convert import FINISH_REASONS, api_field, logprobs, stream_response, to_request
+from service.errors import invalid_argument
+from tandem.v1 import generation_pb2 as pb
+from tandem.v1 import generation_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("tandem.service")
+
+
+def _request_id(msg, context: grpc.aio.ServicerContext) -> str:
+    if msg.request_id:
+        return msg.request_id
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return value
+    return uuid.uuid4().hex
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def _prepare(self, msg, context) -> GenerationRequest:
+        try:
+            request = to_request(msg)
+        except InvalidRequestError as exc:
+            await context.abort_with_status(invalid_argument(exc.field, exc.message))
+        request.request_id = _request_id(msg, context)
+        await context.send_initial_metadata((("x-request-id", request.request_id),))
+        return request
+
+    async def _outputs(self, request: GenerationRequest, context):
+        """The engine's outputs; engine errors become gRPC statuses."""
+        try:
+            async for out in self.engine.stream(request):
+                yield out
+        except InvalidRequestError as exc:
+            await context.abort_with_status(invalid_argument(api_field(exc.field, request), exc.message))
+        except EngineDeadError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+
+    async def GenerateStream(self, msg, context):
+        received = time.monotonic()
+        request = await self._prepare(msg, context)
+        log.info("request_received", request_id=request.request_id, rpc="GenerateStream")
+        first_at, tokens = None, 0
+        async for out in self._outputs(request, context):
+            response = stream_response(out, first_at is None)
+            first_at = first_at or time.monotonic()
+            tokens += len(out.token_ids)
+            if out.finished:
+                response.usage.CopyFrom(pb.Usage(prompt_tokens=out.num_prompt_tokens,
+                                                 cached_prompt_tokens=out.num_cached_tokens,
+                                                 completion_tokens=tokens))
+                response.timings.time_to_first_token_seconds = first_at - received
+                response.timings.total_seconds = time.monotonic() - received
+                log.info("request_finished", request_id=request.request_id, reason=out.finish_reason.value,
+                         completion_tokens=tokens, seconds=round(time.monotonic() - received, 4))
+            yield response
+
+    async def Generate(self, msg, context):
+        received = time.monotonic()
+        request = await self._prepare(msg, context)
+        parts = [out async for out in self._outputs(request, context)]
+        last = parts[-1]
+        tokens = [t for p in parts for t in p.token_ids]
+        lps = [lp for p in parts for lp in (p.logprobs or [])]
+        return pb.GenerateResponse(
+            request_id=request.request_id,
+            token_ids=tokens,
+            text="".join(p.text for p in parts),
+            logprobs=logprobs(lps),
+            finish_reason=FINISH_REASONS[last.finish_reason],
+            usage=pb.Usage(prompt_tokens=last.num_prompt_tokens, cached_prompt_tokens=last.num_cached_tokens,
+                           completion_tokens=len(tokens)),
+            timings=pb.Timings(total_seconds=time.monotonic() - received),
+        )
+
+    async def Abort(self, msg, context):
+        for request_id in msg.request_ids:
+            self.engine.abort(request_id)
+        return pb.AbortResponse()
+
+    async def Tokenize(self, msg, context):
+        ids = self.engine.tokenizer.encode(msg.text, add_special_tokens=msg.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids)
