@@ -5,7 +5,9 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence as Seq
-from dataclasses import replace
+import time
+from collections import deque
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -29,6 +31,20 @@ from engine.request import (
 )
 
 log = structlog.get_logger("tandem.engine")
+THROUGHPUT_WINDOW_S = 10.0
+
+
+@dataclass
+class Load:
+    """What a load balancer needs; read from another thread, so only a snapshot."""
+
+    waiting: int
+    running: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    output_tokens_per_second: float
 Sink = Callable[[RequestOutput | BaseException], None]
 _STOP = object()
 
@@ -100,6 +116,7 @@ class Engine:
         self._sinks: dict[str, Sink] = {}
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
+        self._recent: deque[tuple[float, int]] = deque()  # (time, output tokens) per step
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
 
@@ -147,24 +164,45 @@ class Engine:
         return [c.result() for c in collectors]
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as they come; leaving early aborts the request."""
+        """Yield the request's outputs as they come; leaving early aborts the request.
+
+        The engine never waits for a slow consumer: outputs it has not taken yet are merged
+        into one (tokens, text and logprobs concatenated), so nothing queues up per token.
+        """
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
-        request_id = self.submit(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        pending = _Coalescer()
+        request_id = self.submit(request, lambda out: loop.call_soon_threadsafe(pending.put, out))
         done = False
         try:
-            while True:
-                out = await outputs.get()
+            while not done:
+                out = await pending.take()
                 if isinstance(out, BaseException):
                     done = True
                     raise out
                 done = out.finished
                 yield out
-                if done:
-                    return
         finally:
             if not done:
                 self.abort(request_id)
+
+    @property
+    def dead(self) -> BaseException | None:
+        return self._dead
+
+    def load(self) -> Load:
+        blocks = self.core.blocks
+        now = time.monotonic()
+        with self._lock:
+            tokens = sum(n for t, n in self._recent if t >= now - THROUGHPUT_WINDOW_S)
+        return Load(
+            waiting=len(self.core.waiting),
+            running=len(self.core.running),
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_cached=blocks.num_cached,
+            kv_blocks_free=blocks.num_free,
+            kv_blocks_total=blocks.num_blocks,
+            output_tokens_per_second=tokens / THROUGHPUT_WINDOW_S,
+        )
 
     def shutdown(self) -> None:
         self._commands.put((_STOP, None))
@@ -199,8 +237,16 @@ class Engine:
                 except BaseException as exc:  # noqa: BLE001 - every request must hear of it
                     self._fail(exc)
                     return
+                self._count(outputs)
                 for out in outputs:
                     self._deliver(out)
+
+    def _count(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append((now, sum(len(o.token_ids) for o in outputs)))
+            while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
+                self._recent.popleft()
 
     def _apply(self, command) -> bool:
         kind, arg = command
@@ -249,6 +295,32 @@ def _nth(value, i: int, default_factory):
     if isinstance(value, (list, tuple)):
         return value[i]
     return value
+
+
+class _Coalescer:
+    """One request's undelivered output, merged; lives on the consumer's event loop."""
+
+    def __init__(self) -> None:
+        self._out: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, out: RequestOutput | BaseException) -> None:
+        prev = self._out
+        if prev is None or isinstance(out, BaseException) or isinstance(prev, BaseException):
+            self._out = out if not isinstance(prev, BaseException) else prev
+        else:
+            prev.token_ids = prev.token_ids + out.token_ids
+            prev.text += out.text
+            if out.logprobs is not None:
+                prev.logprobs = (prev.logprobs or []) + out.logprobs
+            prev.finished, prev.finish_reason = out.finished, out.finish_reason
+        self._ready.set()
+
+    async def take(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        self._ready.clear()
+        out, self._out = self._out, None
+        return out
 
 
 class _Collector:

@@ -10,9 +10,12 @@ import time
 import structlog
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, fmt: str = "console") -> None:
+    """JSON lines (for log pipelines) or console text, to stderr."""
     level = logging.INFO if verbose else logging.WARNING
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
@@ -68,10 +71,48 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    p.add_argument("--target", default=None, metavar="HOST:PORT", help="stream from a running tandem server")
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """Stream from a running server (`--target host:port`)."""
+    import grpc
+
+    from tandem.v1 import generation_pb2 as pb
+    from tandem.v1 import generation_pb2_grpc as pb_grpc
+
+    sampling = pb.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                 repetition_penalty=args.repetition_penalty)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    request = pb.GenerateStreamRequest(
+        text=args.prompt,
+        sampling=sampling,
+        stopping=pb.StoppingCriteria(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                                     stop_strings=args.stop, ignore_eos=args.ignore_eos),
+    )
+    count, reason = 0, None
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            for response in pb_grpc.GenerationServiceStub(channel).GenerateStream(request):
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
+                count += len(response.token_ids)
+                reason = pb.FinishReason.Name(response.finish_reason)
+        except grpc.RpcError as exc:
+            print(f"tandem: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    sys.stdout.write("\n")
+    if args.stats:
+        print(f"[{count} tokens, finish={reason}]", file=sys.stderr)
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine import Engine, GenerationRequest, InvalidRequestError, SamplingParams, StoppingCriteria
+
+    if args.target:
+        return _generate_remote(args)
 
     request = GenerationRequest(
         prompt=args.prompt,
@@ -115,10 +156,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from engine import Engine
-    from service.server import run
+    from schedulers import parse_options
+    from service.server import ServerOptions, run
 
     scheduler = _scheduler(args)
-    return run(Engine(_engine_config(args), scheduler), args.host, args.port, args.grace)
+    opts = ServerOptions(args.host, args.port, args.grace, args.max_waiting, parse_options(args.scheduler_opt))
+    return run(Engine(_engine_config(args), scheduler), opts)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -156,8 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 or [::] in a mesh)")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+    serve.add_argument("--max-waiting", type=int, default=1024,
+                       help="waiting requests beyond which new ones get RESOURCE_EXHAUSTED")
+    serve.add_argument("--log-format", choices=["json", "console"], default="json")
     _engine_args(serve)
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, verbose=True)
     models = sub.add_parser("models", help="list the built-in model presets")
     models.set_defaults(func=cmd_models)
     scheds = sub.add_parser("schedulers", help="list the installed scheduler plugins")
@@ -167,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(getattr(args, "verbose", False))
+    _configure_logging(getattr(args, "verbose", False), getattr(args, "log_format", "console"))
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -11,9 +12,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine import Engine, GenerationRequest, StoppingCriteria
+from service.info import InfoServicer
 from service.servicer import GenerationServicer
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
+from tandem.v1 import info_pb2, info_pb2_grpc
 
 log = structlog.get_logger("tandem.server")
 
@@ -29,22 +32,40 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 2**20),
 ]
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+INFO_SERVICE = info_pb2.DESCRIPTOR.services_by_name["InfoService"].full_name
 
 
-async def serve(engine: Engine, host: str, port: int, grace: float) -> int:
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    grace: float = 30.0  # seconds in-flight streams get on SIGTERM
+    max_waiting: int = 1024  # waiting requests beyond which new ones get RESOURCE_EXHAUSTED
+    scheduler_options: dict[str, str] = field(default_factory=dict)  # reported by GetServerInfo
+
+
+async def serve(engine: Engine, opts: ServerOptions) -> int:
+    host, grace = opts.host, opts.grace
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
+
+    async def not_serving() -> None:
+        for name in ("", GENERATION_SERVICE, INFO_SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    generation = GenerationServicer(engine, opts.max_waiting, on_engine_failure=not_serving)
+    pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
+    info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(engine, opts.scheduler_options, opts.max_waiting),
+                                                    server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (GENERATION_SERVICE, INFO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    for name in ("", GENERATION_SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    bound = server.add_insecure_port(f"{host}:{opts.port}")
+    await not_serving()
     await server.start()
     # Warm up before declaring SERVING: the first forward pass allocates and compiles.
     await asyncio.to_thread(engine.generate, [[4, 5, 6]], None, StoppingCriteria(max_new_tokens=2))
-    for name in ("", GENERATION_SERVICE):
+    for name in ("", GENERATION_SERVICE, INFO_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"tandem serving on {host}:{bound}", flush=True)
     log.info("serving", host=host, port=bound, scheduler=engine.core.scheduler.name)
@@ -61,9 +82,9 @@ async def serve(engine: Engine, host: str, port: int, grace: float) -> int:
     return 0
 
 
-def run(engine: Engine, host: str, port: int, grace: float) -> int:
+def run(engine: Engine, opts: ServerOptions) -> int:
     try:
-        return asyncio.run(serve(engine, host, port, grace))
+        return asyncio.run(serve(engine, opts))
     finally:
         engine.shutdown()
         sys.stdout.flush()

@@ -9,7 +9,7 @@ import structlog
 
 from engine import Engine, EngineDeadError, GenerationRequest, InvalidRequestError
 from service.convert import FINISH_REASONS, api_field, logprobs, stream_response, to_request
-from service.errors import invalid_argument
+from service.errors import invalid_argument, resource_exhausted
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 
@@ -26,10 +26,18 @@ def _request_id(msg, context: grpc.aio.ServicerContext) -> str:
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, max_waiting: int, on_engine_failure=None) -> None:
         self.engine = engine
+        self.max_waiting = max_waiting
+        self.on_engine_failure = on_engine_failure
 
     async def _prepare(self, msg, context) -> GenerationRequest:
+        if self.engine.dead is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine has failed; this server is not serving")
+        if len(self.engine.core.waiting) >= self.max_waiting:
+            await context.abort_with_status(resource_exhausted(
+                f"{self.max_waiting} requests are already waiting (--max-waiting); retry later", retry_after_s=1.0
+            ))
         try:
             request = to_request(msg)
         except InvalidRequestError as exc:
@@ -46,6 +54,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except InvalidRequestError as exc:
             await context.abort_with_status(invalid_argument(api_field(exc.field, request), exc.message))
         except EngineDeadError as exc:
+            log.error("engine_failed", request_id=request.request_id, error=str(exc))
+            if self.on_engine_failure is not None:
+                await self.on_engine_failure()
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
 
     async def GenerateStream(self, msg, context):

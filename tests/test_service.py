@@ -154,5 +154,77 @@ def test_sigterm_finishes_in_flight_streams_and_exits_zero() -> None:
                 pb_grpc.GenerationServiceStub(channel).Generate(
                     pb.GenerateRequest(text="late", stopping=pb.StoppingCriteria(max_new_tokens=2)), timeout=5)
         assert proc.wait(30) == 0
+        events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        finished = [e for e in events if e["event"] == "request_finished"]
+        assert finished and finished[0]["completion_tokens"] == 150 and finished[0]["request_id"]
+        assert {"serving", "draining", "stopped"} <= {e["event"] for e in events}
     finally:
         proc.kill()
+
+
+def _info(target: str):
+    from tandem.v1 import info_pb2, info_pb2_grpc
+
+    channel = grpc.insecure_channel(target)
+    return info_pb2, info_pb2_grpc.InfoServiceStub(channel)
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_info_service_and_blocks_back_after_cancel(server, stub) -> None:
+    info_pb2, info = _info(server)
+    model = info.GetModelInfo(info_pb2.GetModelInfoRequest())
+    assert (model.name, model.architecture, model.context_length, model.vocab_size) == (
+        "tiny-llama", "LlamaForCausalLM", 1024, 512)
+    assert list(model.eos_token_ids) == [1] and model.dtype == "float32" and model.device == "cpu"
+    server_info = info.GetServerInfo(info_pb2.GetServerInfoRequest())
+    assert server_info.scheduler == "fcfs" and server_info.max_waiting == 1024 and server_info.kv_blocks > 0
+    call = stub.GenerateStream(_greedy("hold some blocks", 500))
+    next(call)
+    assert info.GetLoad(info_pb2.GetLoadRequest()).kv_blocks_used > 0
+    call.cancel()
+    assert _wait_for(lambda: info.GetLoad(info_pb2.GetLoadRequest()).kv_blocks_used == 0)
+    load = info.GetLoad(info_pb2.GetLoadRequest())
+    assert load.running == 0 and load.waiting == 0 and load.output_tokens_per_second > 0
+
+
+def test_full_queue_gets_resource_exhausted_with_retry_info() -> None:
+    proc, target = start_server("--model", "tiny-llama", "--max-num-seqs", "1", "--max-waiting", "1")
+    try:
+        info_pb2, info = _info(target)
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            running = stub.GenerateStream(_greedy("first", 1000))
+            next(running)
+            waiting = stub.GenerateStream(_greedy("second", 10))
+            assert _wait_for(lambda: info.GetLoad(info_pb2.GetLoadRequest()).waiting == 1)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(pb.GenerateRequest(text="third", stopping=pb.StoppingCriteria(max_new_tokens=2)))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            retry = error_details_pb2.RetryInfo()
+            assert rpc_status.from_call(err.value).details[0].Unpack(retry) and retry.retry_delay.seconds == 1
+            running.cancel()
+            assert list(waiting)[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_generate_target_streams_from_the_server(server, offline) -> None:
+    want = offline.generate(["Hello there"], SamplingParams(temperature=0),
+                            StoppingCriteria(max_new_tokens=16, ignore_eos=True))[0]
+    res = subprocess.run([str(BIN / "tandem"), "generate", "Hello there", "--target", server, "--temperature", "0",
+                          "--max-new-tokens", "16", "--ignore-eos", "--stats"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == want.text + "\n" and "16 tokens" in res.stderr
+    bad = subprocess.run([str(BIN / "tandem"), "generate", "x", "--target", server, "--top-p", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "sampling.top_p" in bad.stderr
