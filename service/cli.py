@@ -160,7 +160,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import ServerOptions, run
 
     scheduler = _scheduler(args)
-    opts = ServerOptions(args.host, args.port, args.grace, args.max_waiting, parse_options(args.scheduler_opt))
+    opts = ServerOptions(args.host, args.port, args.grace, args.max_waiting, parse_options(args.scheduler_opt),
+                         args.metrics_port)
     return run(Engine(_engine_config(args), scheduler), opts)
 
 
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=1024,
                        help="waiting requests beyond which new ones get RESOURCE_EXHAUSTED")
     serve.add_argument("--log-format", choices=["json", "console"], default="json")
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     _engine_args(serve)
     serve.set_defaults(func=cmd_serve, verbose=True)
     models = sub.add_parser("models", help="list the built-in model presets")

@@ -42,6 +42,7 @@ class ServerOptions:
     grace: float = 30.0  # seconds in-flight streams get on SIGTERM
     max_waiting: int = 1024  # waiting requests beyond which new ones get RESOURCE_EXHAUSTED
     scheduler_options: dict[str, str] = field(default_factory=dict)  # reported by GetServerInfo
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0 picks one)
 
 
 async def serve(engine: Engine, opts: ServerOptions) -> int:
@@ -67,7 +68,12 @@ async def serve(engine: Engine, opts: ServerOptions) -> int:
     await asyncio.to_thread(engine.generate, [[4, 5, 6]], None, StoppingCriteria(max_new_tokens=2))
     for name in ("", GENERATION_SERVICE, INFO_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print(f"tandem serving on {host}:{bound}", flush=True)
+    metrics_note = ""
+    if opts.metrics_port is not None:
+        from service import metrics
+
+        metrics_note = f" metrics on {host}:{metrics.start(engine, host, opts.metrics_port)}"
+    print(f"tandem serving on {host}:{bound}{metrics_note}", flush=True)
     log.info("serving", host=host, port=bound, scheduler=engine.core.scheduler.name)
 
     stop = asyncio.Event()

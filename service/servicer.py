@@ -9,6 +9,7 @@ import structlog
 
 from engine import Engine, EngineDeadError, GenerationRequest, InvalidRequestError
 from service.convert import FINISH_REASONS, api_field, logprobs, stream_response, to_request
+from service import metrics
 from service.errors import invalid_argument, resource_exhausted
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
@@ -63,20 +64,41 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         received = time.monotonic()
         request = await self._prepare(msg, context)
         log.info("request_received", request_id=request.request_id, rpc="GenerateStream")
-        first_at, tokens = None, 0
-        async for out in self._outputs(request, context):
-            response = stream_response(out, first_at is None)
-            first_at = first_at or time.monotonic()
-            tokens += len(out.token_ids)
-            if out.finished:
-                response.usage.CopyFrom(pb.Usage(prompt_tokens=out.num_prompt_tokens,
-                                                 cached_prompt_tokens=out.num_cached_tokens,
-                                                 completion_tokens=tokens))
-                response.timings.time_to_first_token_seconds = first_at - received
-                response.timings.total_seconds = time.monotonic() - received
-                log.info("request_finished", request_id=request.request_id, reason=out.finish_reason.value,
-                         completion_tokens=tokens, seconds=round(time.monotonic() - received, 4))
-            yield response
+        first_at = last_at = None
+        tokens, finished = 0, False
+        try:
+            async for out in self._outputs(request, context):
+                now = time.monotonic()
+                response = stream_response(out, first_at is None)
+                if first_at is None:
+                    first_at = now
+                    metrics.TTFT.observe(now - received)
+                    log.info("first_token", request_id=request.request_id, seconds=round(now - received, 4))
+                else:
+                    metrics.ITL.observe(now - last_at)
+                last_at = now
+                tokens += len(out.token_ids)
+                if out.finished:
+                    finished = True
+                    response.usage.CopyFrom(pb.Usage(prompt_tokens=out.num_prompt_tokens,
+                                                     cached_prompt_tokens=out.num_cached_tokens,
+                                                     completion_tokens=tokens))
+                    response.timings.time_to_first_token_seconds = first_at - received
+                    response.timings.total_seconds = now - received
+                    self._finished(request.request_id, out.finish_reason.value, tokens, received)
+                yield response
+        finally:
+            if not finished:  # cancelled, deadline, or an error status
+                code = "CANCELLED" if context.cancelled() else (context.code() or grpc.StatusCode.UNKNOWN).name
+                metrics.REQUESTS.labels("aborted", code).inc()
+                log.info("request_aborted", request_id=request.request_id, code=code, completion_tokens=tokens)
+
+    def _finished(self, request_id: str, reason: str, tokens: int, received: float) -> None:
+        seconds = time.monotonic() - received
+        metrics.E2E.observe(seconds)
+        metrics.REQUESTS.labels(reason, "OK").inc()
+        log.info("request_finished", request_id=request_id, reason=reason, completion_tokens=tokens,
+                 seconds=round(seconds, 4))
 
     async def Generate(self, msg, context):
         received = time.monotonic()
@@ -84,6 +106,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         parts = [out async for out in self._outputs(request, context)]
         last = parts[-1]
         tokens = [t for p in parts for t in p.token_ids]
+        self._finished(request.request_id, last.finish_reason.value, len(tokens), received)
         lps = [lp for p in parts for lp in (p.logprobs or [])]
         return pb.GenerateResponse(
             request_id=request.request_id,

@@ -23,6 +23,9 @@ from tandem.v1 import generation_pb2_grpc as pb_grpc
 BIN = Path(sys.executable).parent
 
 
+METRICS = {}
+
+
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([str(BIN / "tandem"), "serve", "--port", "0", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -30,12 +33,15 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     if not line.startswith("tandem serving on"):
         proc.kill()
         raise RuntimeError(f"server did not start: {line!r} {proc.stderr.read()}")
-    return proc, line.split()[-1]
+    words = line.split()
+    if "metrics" in words:
+        METRICS[words[3]] = words[-1]
+    return proc, words[3]
 
 
 @pytest.fixture(scope="module")
 def server():
-    proc, target = start_server("--model", "tiny-llama")
+    proc, target = start_server("--model", "tiny-llama", "--metrics-port", "0")
     yield target
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
@@ -228,3 +234,19 @@ def test_generate_target_streams_from_the_server(server, offline) -> None:
     bad = subprocess.run([str(BIN / "tandem"), "generate", "x", "--target", server, "--top-p", "3"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "sampling.top_p" in bad.stderr
+
+
+def test_prometheus_metrics(server, stub) -> None:
+    import urllib.request
+
+    list(stub.GenerateStream(_greedy("metrics", 4)))
+    body = urllib.request.urlopen(f"http://{METRICS[server]}/metrics", timeout=10).read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.splitlines()
+              if line and not line.startswith("#")}
+    assert values['tandem_requests_total{code="OK",finish_reason="length"}'] >= 1
+    assert values["tandem_time_to_first_token_seconds_count"] >= 1
+    assert values["tandem_steps_total"] > 0 and values["tandem_kv_blocks_total"] > 0
+    for name in ("tandem_waiting_requests", "tandem_running_requests", "tandem_kv_usage_ratio",
+                 "tandem_prefix_cache_hit_ratio", "tandem_device_idle_ratio", "tandem_mean_step_tokens",
+                 "tandem_inter_token_latency_seconds_count", "tandem_e2e_latency_seconds_count"):
+        assert name in values, name
