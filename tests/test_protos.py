@@ -28,3 +28,15 @@ def test_generated_code_is_current(tmp_path) -> None:
         assert filecmp.cmp(tmp_path / "tandem" / "v1" / name, ROOT / "tandem" / "v1" / name, shallow=False), (
             f"tandem/v1/{name} is stale: run scripts/gen_protos"
         )
+
+
+def test_buf_breaking_against_the_previous_commit() -> None:
+    """FILE-level breaking changes against the last commit that had protos (none: nothing to compare)."""
+    git = subprocess.run(["git", "log", "-n", "1", "--skip", "1", "--format=%H", "--", ":(glob)protos/**/*.proto"],
+                         cwd=ROOT, capture_output=True, text=True)
+    previous = git.stdout.strip()
+    if git.returncode != 0 or not previous:
+        return  # a shallow clone, or the protos' first commit: no earlier API to break
+    res = subprocess.run([str(BIN / "buf"), "breaking", "--against", f".git#ref={previous}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
