@@ -194,6 +194,7 @@ class EngineCore:
         self.waiting.remove(seq)
         if seq.num_cached_tokens is None:
             seq.num_cached_tokens = seq.num_computed
+            seq.queue_seconds = time.monotonic() - seq.arrival_time
             self.blocks.record_lookup(seq.num_tokens, seq.num_computed)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
@@ -368,6 +369,7 @@ class EngineCore:
             logprobs=lps,
             num_prompt_tokens=seq.num_prompt,
             num_cached_tokens=seq.num_cached_tokens or 0,
+            queue_seconds=seq.queue_seconds,
         )
 
     def check_invariants(self) -> None:

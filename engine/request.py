@@ -101,6 +101,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    queue_seconds: float | None = None  # from receipt to first admission, once admitted
 
 
 @dataclass

@@ -43,6 +43,7 @@ class Sequence:
         self.num_registered = 0  # leading blocks of block_table findable in the prefix cache
         self.view = None  # the scheduler's RequestView, made once
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
+        self.queue_seconds: float | None = None  # receipt to first admission
         self.status = SeqStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.detokenizer = detokenizer

@@ -34,6 +34,7 @@ class EngineCollector:
             "tandem_prefix_cache_hit_ratio": ("Prompt tokens served from the prefix cache", blocks.stats.hit_rate),
             "tandem_device_idle_ratio": ("Device idle / (busy + idle) since start", ex.idle_fraction),
             "tandem_mean_step_tokens": ("Tokens per step since start (batch size)", ex.tokens / max(1, ex.steps)),
+            "tandem_mean_step_seconds": ("Device busy time per step since start", ex.busy_seconds / max(1, ex.steps)),
             "tandem_output_tokens_per_second": ("Output tokens/s over the last 10 s", load.output_tokens_per_second),
         }
         for name, (doc, value) in gauges.items():

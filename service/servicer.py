@@ -84,6 +84,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                                                      cached_prompt_tokens=out.num_cached_tokens,
                                                      completion_tokens=tokens))
                     response.timings.time_to_first_token_seconds = first_at - received
+                    response.timings.queue_seconds = out.queue_seconds or 0.0
                     response.timings.total_seconds = now - received
                     self._finished(request.request_id, out.finish_reason.value, tokens, received)
                 yield response
@@ -116,7 +117,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             finish_reason=FINISH_REASONS[last.finish_reason],
             usage=pb.Usage(prompt_tokens=last.num_prompt_tokens, cached_prompt_tokens=last.num_cached_tokens,
                            completion_tokens=len(tokens)),
-            timings=pb.Timings(total_seconds=time.monotonic() - received),
+            timings=pb.Timings(total_seconds=time.monotonic() - received, queue_seconds=last.queue_seconds or 0.0),
         )
 
     async def Abort(self, msg, context):

@@ -76,6 +76,7 @@ def test_stream_and_unary_equal_the_offline_engine(stub, offline) -> None:
     last = responses[-1]
     assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 24
     assert last.timings.time_to_first_token_seconds > 0
+    assert 0 < last.timings.queue_seconds <= last.timings.time_to_first_token_seconds
     unary = stub.Generate(pb.GenerateRequest(text="Once upon a time", sampling=pb.SamplingParams(temperature=0),
                                              stopping=pb.StoppingCriteria(max_new_tokens=24, ignore_eos=True)))
     assert list(unary.token_ids) == want.token_ids and unary.text == want.text
@@ -197,6 +198,11 @@ def test_info_service_and_blocks_back_after_cancel(server, stub) -> None:
     assert info.GetLoad(info_pb2.GetLoadRequest()).kv_blocks_used > 0
     call.cancel()
     assert _wait_for(lambda: info.GetLoad(info_pb2.GetLoadRequest()).kv_blocks_used == 0)
+    with pytest.raises(grpc.RpcError) as err:  # a deadline that expires mid-stream frees them too
+        for _ in stub.GenerateStream(_greedy("deadline", 900), timeout=0.3):
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_for(lambda: info.GetLoad(info_pb2.GetLoadRequest()).kv_blocks_used == 0)
     load = info.GetLoad(info_pb2.GetLoadRequest())
     assert load.running == 0 and load.waiting == 0 and load.output_tokens_per_second > 0
 
@@ -248,5 +254,6 @@ def test_prometheus_metrics(server, stub) -> None:
     assert values["tandem_steps_total"] > 0 and values["tandem_kv_blocks_total"] > 0
     for name in ("tandem_waiting_requests", "tandem_running_requests", "tandem_kv_usage_ratio",
                  "tandem_prefix_cache_hit_ratio", "tandem_device_idle_ratio", "tandem_mean_step_tokens",
+                 "tandem_mean_step_seconds",
                  "tandem_inter_token_latency_seconds_count", "tandem_e2e_latency_seconds_count"):
         assert name in values, name
