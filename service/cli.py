@@ -165,6 +165,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(Engine(_engine_config(args), scheduler), opts)
 
 
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from service.bench.offline import bench_offline, table
+
+    report = bench_offline(args.model, args.workload, args.systems, args.peers, args.static_batch, args.device,
+                           args.dtype, args.json, args.seed, args.requests,
+                           progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    w = report["workload"]
+    print(f"workload {w['name']}: {w['requests']} requests, {w['prompt_tokens']} prompt tokens, "
+          f"{w['output_tokens']} output tokens; {report['environment']}")
+    print(table(report))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from engine.presets import PRESETS
 
@@ -206,6 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     _engine_args(serve)
     serve.set_defaults(func=cmd_serve, verbose=True)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    offline = bench.add_parser("offline", help="one workload through each scheduler and through transformers")
+    from service.bench.offline import TANDEM_SYSTEMS
+    from service.bench.workloads import NAMES
+
+    offline.add_argument("--model", default="bench-llama")
+    offline.add_argument("--workload", choices=NAMES, default="offline")
+    offline.add_argument("--requests", type=int, default=None, help="override the workload's request count")
+    offline.add_argument("--seed", type=int, default=0)
+    offline.add_argument("--systems", nargs="*", default=list(TANDEM_SYSTEMS),
+                         help="tandem schedulers: NAME or async-overlap:POLICY")
+    offline.add_argument("--peers", nargs="*", default=["hf-fifo", "hf-prefill-first", "hf-async-fifo", "hf-static"],
+                         choices=["hf-fifo", "hf-prefill-first", "hf-async-fifo", "hf-static"])
+    offline.add_argument("--static-batch", type=int, default=16, help="batch size of transformers' static generate")
+    offline.add_argument("--device", default=None)
+    offline.add_argument("--dtype", default=None)
+    offline.add_argument("--json", default=None, help="write every figure and the environment here")
+    offline.set_defaults(func=cmd_bench_offline)
     models = sub.add_parser("models", help="list the built-in model presets")
     models.set_defaults(func=cmd_models)
     scheds = sub.add_parser("schedulers", help="list the installed scheduler plugins")

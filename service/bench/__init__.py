@@ -1,0 +1,1 @@
+"""`tandem bench`: tandem against its peers on named, seeded workloads."""
