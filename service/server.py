@@ -11,7 +11,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine import Engine, GenerationRequest, StoppingCriteria
+from engine import Engine, StoppingCriteria
 from service.info import InfoServicer
 from service.servicer import GenerationServicer
 from tandem.v1 import generation_pb2 as pb

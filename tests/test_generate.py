@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_engine, random_prompts, reference_model
-from engine import Engine, EngineConfig, SamplingParams, StoppingCriteria
+from engine import Engine, SamplingParams, StoppingCriteria
 
 NEW = 12
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from engine import Engine, SamplingParams, StoppingCriteria, UnsupportedModelError
+from engine import SamplingParams, StoppingCriteria, UnsupportedModelError
 from conftest import make_engine
 from engine.model_loader import load_model
 from engine.presets import PRESETS, preset_path

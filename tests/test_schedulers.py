@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import small_core
-from engine import EngineDeadError, GenerationRequest, SamplingParams, StoppingCriteria
+from engine import EngineDeadError, GenerationRequest, StoppingCriteria
 from schedulers import (
     ENTRY_POINT_GROUP,
     Scheduler,
