@@ -5,9 +5,11 @@ biases...) and hands them to the function registered under ATTENTION_NAME. We wr
 keys and values into their cache slots and attend over each sequence's own blocks.
 
 The step's whole batch is one flattened sequence of T tokens (batch dimension 1). Rows with a
-single query token (decodes) attend in one batched call over a gathered [rows, context] view
-of their blocks; multi-token prefill chunks attend one chunk at a time with a causal mask
-offset by the chunk's start. No [T, T] mask is ever built.
+single query token (decodes) attend in batched calls, one per group of rows of similar context
+length, over a gathered [rows, context] view of their blocks padded to the group's longest;
+multi-token prefill chunks attend one chunk at a time with a causal mask offset by the chunk's
+start (a chunk that starts the sequence attends over its own new keys, with no gather). No
+[T, T] mask is ever built.
 """
 from __future__ import annotations
 
@@ -27,8 +29,15 @@ STEP_KWARG = "tandem_step"
 class PrefillSpan:
     start: int  # first query token in the flattened batch
     end: int
-    slots: torch.Tensor  # [context] cache slots of the sequence, in position order
+    slots: torch.Tensor | None  # [context] cache slots in position order; None when the chunk starts at 0
     mask: torch.Tensor | None  # [1, 1, q, context] bool; None means a plain square causal mask
+
+
+@dataclass
+class DecodeGroup:
+    rows: torch.Tensor  # [b] flattened index of each single-token row
+    slots: torch.Tensor  # [b, L] cache slots of each row's context, padded to the group's longest
+    mask: torch.Tensor  # [b, 1, 1, L] True where the slot is part of the context
 
 
 @dataclass
@@ -37,9 +46,7 @@ class StepAttention:
 
     kv: KVCache
     slot_mapping: torch.Tensor  # [T] slot each new token's K/V is written to
-    decode_rows: torch.Tensor  # [Bd] flattened index of each single-token row
-    decode_slots: torch.Tensor  # [Bd, Ld] cache slots of each row's context, padded
-    decode_mask: torch.Tensor  # [Bd, 1, 1, Ld] True where the slot is part of the context
+    decodes: list[DecodeGroup]
     prefills: list[PrefillSpan]
     max_context: int  # longest context any row attends over
 
@@ -70,16 +77,17 @@ def paged_attention_forward(
 
     q = query[0].transpose(0, 1)  # [T, H, D]
     out = torch.empty_like(q)
-    if step.decode_rows.numel():
-        qd = q.index_select(0, step.decode_rows).unsqueeze(2)  # [Bd, H, 1, D]
-        kd = k_cache[step.decode_slots].transpose(1, 2)  # [Bd, KVH, Ld, D]
-        vd = v_cache[step.decode_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=step.decode_mask, scale=scaling, enable_gqa=True)
-        out.index_copy_(0, step.decode_rows, od.squeeze(2))
+    for group in step.decodes:
+        qd = q.index_select(0, group.rows).unsqueeze(2)  # [b, H, 1, D]
+        kd, vd = (t.transpose(1, 2) for t in step.kv.gather(layer, group.slots))  # [b, KVH, L, D]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scaling, enable_gqa=True)
+        out.index_copy_(0, group.rows, od.squeeze(2))
     for span in step.prefills:
         qp = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-        kp = k_cache[span.slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-        vp = v_cache[span.slots].transpose(0, 1).unsqueeze(0)
+        if span.slots is None:  # the chunk is the whole context: its own keys, no gather
+            kp, vp = key[:, :, span.start : span.end], value[:, :, span.start : span.end]
+        else:
+            kp, vp = (t.transpose(0, 1).unsqueeze(0) for t in step.kv.gather(layer, span.slots))  # [1, KVH, ctx, D]
         op = F.scaled_dot_product_attention(
             qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None, scale=scaling, enable_gqa=True
         )

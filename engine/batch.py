@@ -14,13 +14,36 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import PrefillSpan, StepAttention
+from engine.attention import DecodeGroup, PrefillSpan, StepAttention
 from engine.kv_cache import KVCache
 from engine.sampling import SampleSpec
 
 
+# What one more decode attention call costs, in padded key slots. Grouping rows of similar
+# context length trades padding (gathered, attended-over keys that are masked off) for calls.
+DECODE_GROUP_COST_SLOTS = 1024
+
+
 def placeholder(row: int) -> int:
     return -(row + 1)
+
+
+def decode_group_sizes(lengths: np.ndarray, cost: int = DECODE_GROUP_COST_SLOTS) -> list[int]:
+    """Split lengths sorted longest first into consecutive groups, each padded to its first
+    (longest) member, minimizing padded slots + `cost` per group (exact, O(n^2) vectorized)."""
+    n = len(lengths)
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    base = -np.arange(n) * lengths  # best[j] - j * l[j] + i * l[j] = cost of rows j..i-1 padded to l[j]
+    for i in range(1, n + 1):
+        totals = best[:i] + base[:i] + i * lengths[:i]
+        cut[i] = int(np.argmin(totals))
+        best[i] = totals[cut[i]] + cost
+    sizes, i = [], n
+    while i:
+        sizes.append(i - int(cut[i]))
+        i = int(cut[i])
+    return sizes[::-1]
 
 
 @dataclass
@@ -43,8 +66,9 @@ class HostBatch:
     flat: np.ndarray  # every integer the device needs, int64
     sections: dict[str, tuple[int, int]]  # name -> (offset, length) in `flat`
     num_tokens: int
-    decode_shape: tuple[int, int]  # (rows, padded context)
+    decode_groups: list[tuple[int, int]]  # (rows, padded context) of each decode attention group
     prefills: list[tuple[int, int, int, int]]  # (q_start, q_end, first position, context length)
+    attended_keys: int  # sum over query tokens of the keys each attends to (causal)
     has_placeholders: bool
 
 
@@ -74,13 +98,20 @@ def build_host_batch(batch: StepBatch, block_size: int) -> HostBatch:
     slot_mapping = tables[owner, positions // bs] * bs + positions % bs
 
     decode = np.nonzero(q_lens == 1)[0]
-    ctx = np.arange(int(ends[decode].max()) if decode.size else 0)
-    decode_slots = tables[decode][:, ctx // bs] * bs + ctx % bs
+    decode = decode[np.argsort(-ends[decode], kind="stable")]
+    groups, decode_slots, at = [], [], 0
+    for size in decode_group_sizes(ends[decode]) if decode.size else []:
+        members = decode[at : at + size]
+        ctx = np.arange(int(ends[members[0]]))
+        decode_slots.append((tables[members][:, ctx // bs] * bs + ctx % bs).ravel())
+        groups.append((size, len(ctx)))
+        at += size
 
     prefill_slots, prefills = [], []
     for i in np.nonzero(q_lens > 1)[0]:
-        pos = np.arange(ends[i])
-        prefill_slots.append(tables[i, pos // bs] * bs + pos % bs)
+        if starts[i]:  # a chunk that starts at 0 attends over its own new keys: no slots needed
+            pos = np.arange(ends[i])
+            prefill_slots.append(tables[i, pos // bs] * bs + pos % bs)
         prefills.append((int(cu[i]), int(cu[i + 1]), int(starts[i]), int(ends[i])))
 
     ids = np.concatenate([r.token_ids for r in rows])
@@ -91,7 +122,7 @@ def build_host_batch(batch: StepBatch, block_size: int) -> HostBatch:
         slot_mapping=slot_mapping,
         decode_rows=cu[decode],
         decode_ctx=ends[decode],
-        decode_slots=decode_slots.ravel(),
+        decode_slots=np.concatenate(decode_slots) if decode_slots else np.zeros(0, np.int64),
         prefill_slots=np.concatenate(prefill_slots) if prefill_slots else np.zeros(0, np.int64),
         sample_rows=sample_rows,
     )
@@ -100,7 +131,9 @@ def build_host_batch(batch: StepBatch, block_size: int) -> HostBatch:
         sections[name] = (offset, len(part))
         offset += len(part)
     flat = np.concatenate([p.astype(np.int64, copy=False) for p in parts.values()])
-    return HostBatch(flat, sections, total, decode_slots.shape, prefills, bool((ids < 0).any()))
+    # each query at position p attends over p + 1 keys
+    attended = int(positions.sum()) + total
+    return HostBatch(flat, sections, total, groups, prefills, attended, bool((ids < 0).any()))
 
 
 def device_step(host: HostBatch, flat: torch.Tensor, kv: KVCache, prev_tokens: torch.Tensor | None) -> PreparedStep:
@@ -115,27 +148,30 @@ def device_step(host: HostBatch, flat: torch.Tensor, kv: KVCache, prev_tokens: t
         if prev_tokens is None:
             raise RuntimeError("step has placeholder tokens but no previous step to resolve them from")
         ids = resolve_placeholders(ids, prev_tokens)
-    bd, ld = host.decode_shape
     device = flat.device
-    decode_ctx = section("decode_ctx")
-    decode_mask = (torch.arange(ld, device=device)[None, :] < decode_ctx[:, None])[:, None, None, :]
+    decode_rows, decode_ctx, decode_slots = section("decode_rows"), section("decode_ctx"), section("decode_slots")
+    decodes, row, at = [], 0, 0
+    for size, length in host.decode_groups:
+        ctx = decode_ctx[row : row + size]
+        mask = (torch.arange(length, device=device)[None, :] < ctx[:, None])[:, None, None, :]
+        slots = decode_slots[at : at + size * length].view(size, length)
+        decodes.append(DecodeGroup(decode_rows[row : row + size], slots, mask))
+        row, at = row + size, at + size * length
     prefill_slots = section("prefill_slots")
     spans, at = [], 0
     for q_start, q_end, first, ctx in host.prefills:
-        mask = None
+        slots = mask = None
         if first > 0:  # causal, offset by the tokens already in the cache
             q_pos = torch.arange(first, first + q_end - q_start, device=device)
             mask = (torch.arange(ctx, device=device)[None, :] <= q_pos[:, None])[None, None]
-        spans.append(PrefillSpan(q_start, q_end, prefill_slots[at : at + ctx], mask))
-        at += ctx
+            slots, at = prefill_slots[at : at + ctx], at + ctx
+        spans.append(PrefillSpan(q_start, q_end, slots, mask))
     attention = StepAttention(
         kv=kv,
         slot_mapping=section("slot_mapping"),
-        decode_rows=section("decode_rows"),
-        decode_slots=section("decode_slots").view(bd, ld),
-        decode_mask=decode_mask,
+        decodes=decodes,
         prefills=spans,
-        max_context=max([ld] + [p[3] for p in host.prefills]),
+        max_context=max([length for _, length in host.decode_groups] + [p[3] for p in host.prefills]),
     )
     return PreparedStep(ids[None], section("positions")[None], attention, section("sample_rows"))
 

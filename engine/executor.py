@@ -47,6 +47,17 @@ class StepHandle:
     extra: dict = field(default_factory=dict)  # executor-specific (events, buffers)
 
 
+@dataclass(frozen=True)
+class StepTrace:
+    """One step's shape and device time, for utilisation figures (FLOPs per step)."""
+
+    tokens: int  # query tokens computed
+    decode_rows: int
+    sampled_rows: int  # rows that reached the LM head
+    attended_keys: int  # sum over query tokens of the keys each attends to
+    busy_seconds: float
+
+
 @dataclass
 class ExecutorStats:
     """Where step time goes. Host: preparing batches. Device busy: the forward pass and
@@ -58,6 +69,17 @@ class ExecutorStats:
     prepare_seconds: float = 0.0
     busy_seconds: float = 0.0
     idle_seconds: float = 0.0
+    trace: list[StepTrace] | None = None  # set to a list to record every step (benchmarks)
+
+    def record(self, host: HostBatch, busy: float, idle: float | None) -> None:
+        self.busy_seconds += busy
+        if idle is not None:
+            self.idle_seconds += max(0.0, idle)
+        self.steps += 1
+        if self.trace is not None:
+            rows = sum(size for size, _ in host.decode_groups)
+            sampled = host.sections["sample_rows"][1]
+            self.trace.append(StepTrace(host.num_tokens, rows, sampled, host.attended_keys, busy))
 
     @property
     def idle_fraction(self) -> float:
@@ -124,13 +146,11 @@ class Executor:
         self._compute(handle, flat)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self._account(start, time.perf_counter())
+        self._account(handle, start, time.perf_counter())
 
-    def _account(self, start: float, end: float) -> None:
-        if self._last_busy_end is not None:
-            self.stats.idle_seconds += max(0.0, start - self._last_busy_end)
-        self.stats.busy_seconds += end - start
-        self.stats.steps += 1
+    def _account(self, handle: StepHandle, start: float, end: float) -> None:
+        idle = start - self._last_busy_end if self._last_busy_end is not None else None
+        self.stats.record(handle.host, end - start, idle)
         self._last_busy_end = end
 
     @staticmethod

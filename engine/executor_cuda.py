@@ -66,10 +66,8 @@ class CudaExecutor(Executor):
         handle.extra["done"].synchronize()  # the one host wait per step
         handle.prev = None
         start, end, prev_end = handle.extra["start"], handle.extra["end"], handle.extra["prev_end"]
-        self.stats.busy_seconds += start.elapsed_time(end) / 1e3
-        if prev_end is not None:
-            self.stats.idle_seconds += max(0.0, prev_end.elapsed_time(start) / 1e3)
-        self.stats.steps += 1
+        idle = prev_end.elapsed_time(start) / 1e3 if prev_end is not None else None
+        self.stats.record(handle.host, start.elapsed_time(end) / 1e3, idle)
         return self._read(handle.extra["host_out"])
 
     def _copy_inputs(self, flat: np.ndarray) -> tuple[torch.Tensor, torch.cuda.Event]:

@@ -46,5 +46,5 @@ class WorkerExecutor(Executor):
                 self._compute(handle, torch.from_numpy(handle.host.flat))
             except BaseException as exc:  # noqa: BLE001 - handed to collect()
                 handle.error = exc
-            self._account(start, time.perf_counter())
+            self._account(handle, start, time.perf_counter())
             handle.extra["done"].set()

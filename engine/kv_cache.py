@@ -53,6 +53,26 @@ class KVCache:
         shape = (layout.num_layers, num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim)
         self.k = torch.zeros(shape, dtype=layout.dtype, device=device)
         self.v = torch.zeros(shape, dtype=layout.dtype, device=device)
+        self._scratch = torch.empty((2, 0, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype, device=device)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer at `slots` (any shape), as [*slots.shape, KVH, D].
+
+        NOTE: the results are views of one reused scratch buffer, valid until the next gather.
+        Attention consumes them before the next call, in order on one device stream. Reuse is
+        the point: a fresh multi-MB tensor per call costs more in page faults (CPU) or
+        allocator traffic than the copy itself (measured 8 vs 34 GB/s on the CPU).
+        """
+        flat = slots.reshape(-1)
+        n = flat.numel()
+        if n > self._scratch.shape[1]:
+            grown = max(n, 2 * self._scratch.shape[1])
+            self._scratch = self._scratch.new_empty((2, grown, *self._scratch.shape[2:]))
+        k, v = self._scratch[0, :n], self._scratch[1, :n]
+        torch.index_select(self.k[layer], 0, flat, out=k)
+        torch.index_select(self.v[layer], 0, flat, out=v)
+        shape = (*slots.shape, *k.shape[1:])
+        return k.view(shape), v.view(shape)
 
     @property
     def capacity_tokens(self) -> int:

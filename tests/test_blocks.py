@@ -141,3 +141,16 @@ def test_preemption_keeps_greedy_outputs() -> None:
         assert core.blocks.num_used == 0
     assert sum(s.num_preemptions for s in seqs) > 0
     assert results["tight"] == results["roomy"]
+
+
+def test_decode_groups_minimize_padding_plus_per_group_cost() -> None:
+    import numpy as np
+
+    from engine.batch import decode_group_sizes
+
+    lengths = np.array([768, 760, 700, 300, 290, 40, 30, 20], dtype=np.int64)
+    assert decode_group_sizes(lengths, cost=0) == [1] * 8  # free calls: no padding at all
+    assert decode_group_sizes(lengths, cost=10**9) == [8]  # costly calls: one padded batch
+    assert decode_group_sizes(lengths, cost=1024) == [3, 5]  # 820 padded slots < one more call
+    assert decode_group_sizes(lengths, cost=200) == [3, 2, 3]
+    assert sum(decode_group_sizes(np.sort(np.random.default_rng(0).integers(1, 900, 64))[::-1])) == 64
