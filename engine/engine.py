@@ -146,8 +146,10 @@ class Engine:
         sampling: SamplingParams | Seq[SamplingParams] | None = None,
         stopping: StoppingCriteria | Seq[StoppingCriteria] | None = None,
         output: OutputOptions | None = None,
+        on_finish: Callable[[], None] | None = None,
     ) -> list[Completion]:
-        """Run every prompt to completion, batched together; results in prompt order."""
+        """Run every prompt to completion, batched together; results in prompt order.
+        `on_finish` is called (on the engine thread) as each request finishes."""
         requests = [
             GenerationRequest(
                 prompt=p,
@@ -158,7 +160,7 @@ class Engine:
             for i, p in enumerate(prompts)
         ]
         seqs = [self.core.make_sequence(r) for r in requests]  # validate all before running any
-        collectors = [_Collector() for _ in requests]
+        collectors = [_Collector(on_finish) for _ in requests]
         for seq, c in zip(seqs, collectors):
             self._submit(seq, c)
         return [c.result() for c in collectors]
@@ -326,10 +328,11 @@ class _Coalescer:
 class _Collector:
     """Gathers one request's outputs into a Completion for `Engine.generate`."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_finish: Callable[[], None] | None = None) -> None:
         self._done = threading.Event()
         self._parts: list[RequestOutput] = []
         self._error: BaseException | None = None
+        self._on_finish = on_finish
 
     def __call__(self, out: RequestOutput | BaseException) -> None:
         if isinstance(out, BaseException):
@@ -339,6 +342,8 @@ class _Collector:
         self._parts.append(out)
         if out.finished:
             self._done.set()
+            if self._on_finish is not None:
+                self._on_finish()
 
     def result(self) -> Completion:
         self._done.wait()

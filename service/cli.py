@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 import time
+from pathlib import Path
 
 import structlog
 
@@ -169,12 +170,39 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     from service.bench.offline import bench_offline, table
 
     report = bench_offline(args.model, args.workload, args.systems, args.peers, args.static_batch, args.device,
-                           args.dtype, args.json, args.seed, args.requests,
-                           progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                           args.dtype, args.json, args.seed, args.requests, args.repeats, not args.no_tune,
+                           args.tune_requests, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     w = report["workload"]
     print(f"workload {w['name']}: {w['requests']} requests, {w['prompt_tokens']} prompt tokens, "
           f"{w['output_tokens']} output tokens; {report['environment']}")
     print(table(report))
+    if args.plots:
+        from service.bench.plots import plot_offline
+
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        for path in plot_offline(report, args.plots):
+            print(f"plot: {path}")
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from service.bench.serve import bench_serve, table
+
+    rates = [float(r) for r in args.rate]
+    try:
+        report = bench_serve(args.workload, rates, args.concurrency, args.target, args.model, tuple(args.schedulers),
+                             args.requests, args.seed, args.goodput, args.json)
+    except ValueError as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 2
+    print(f"workload {args.workload}; {report['environment']}")
+    print(table(report))
+    if args.plots:
+        from service.bench.plots import plot_serve
+
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        for path in plot_serve(report, args.plots):
+            print(f"plot: {path}")
     return 0
 
 
@@ -232,11 +260,33 @@ def build_parser() -> argparse.ArgumentParser:
                          help="tandem schedulers: NAME or async-overlap:POLICY")
     offline.add_argument("--peers", nargs="*", default=["hf-fifo", "hf-prefill-first", "hf-async-fifo", "hf-static"],
                          choices=["hf-fifo", "hf-prefill-first", "hf-async-fifo", "hf-static"])
-    offline.add_argument("--static-batch", type=int, default=16, help="batch size of transformers' static generate")
+    offline.add_argument("--static-batch", type=int, nargs="+", default=[8, 16, 32, 64],
+                         help="batch sizes of transformers' static generate (each is a row)")
+    offline.add_argument("--repeats", type=int, default=1, help="runs of each tandem system, interleaved; medians")
+    offline.add_argument("--no-tune", action="store_true", help="run generate_batch at its defaults only")
+    offline.add_argument("--tune-requests", type=int, default=32,
+                         help="requests of the workload that generate_batch's settings are tuned on")
     offline.add_argument("--device", default=None)
     offline.add_argument("--dtype", default=None)
     offline.add_argument("--json", default=None, help="write every figure and the environment here")
+    offline.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
     offline.set_defaults(func=cmd_bench_offline)
+
+    serve_b = bench.add_parser("serve", help="gRPC load generator: Poisson arrivals or fixed concurrency")
+    serve_b.add_argument("--target", default=None, metavar="HOST:PORT",
+                         help="a running server; without it, a local `tandem serve` per --schedulers entry")
+    serve_b.add_argument("--model", default="bench-llama", help="model of the local servers")
+    serve_b.add_argument("--schedulers", nargs="+", default=["fcfs"], help="local servers, one after the other")
+    serve_b.add_argument("--workload", choices=NAMES, default="chat")
+    serve_b.add_argument("--requests", type=int, default=None, help="override the workload's request count")
+    serve_b.add_argument("--rate", nargs="+", default=["inf"], help="requests/s (Poisson); several make a sweep")
+    serve_b.add_argument("--concurrency", type=int, default=None, help="at most this many requests in flight")
+    serve_b.add_argument("--goodput", nargs="*", default=[], metavar="ttft:MS|tpot:MS",
+                         help="SLOs; goodput counts requests meeting all of them")
+    serve_b.add_argument("--seed", type=int, default=0)
+    serve_b.add_argument("--json", default=None, help="write every figure, per-request latencies and the environment")
+    serve_b.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
+    serve_b.set_defaults(func=cmd_bench_serve)
     models = sub.add_parser("models", help="list the built-in model presets")
     models.set_defaults(func=cmd_models)
     scheds = sub.add_parser("schedulers", help="list the installed scheduler plugins")

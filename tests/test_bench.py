@@ -24,17 +24,63 @@ def test_workloads_are_reproducible_and_shaped() -> None:
     assert len({tuple(p[:384]) for p in shared.prompts}) == 1
 
 
-def test_bench_offline_small_writes_well_formed_json(tmp_path) -> None:
-    out = tmp_path / "bench.json"
+def test_bench_offline_small_writes_well_formed_json_and_plots(tmp_path) -> None:
+    out, plots = tmp_path / "bench.json", tmp_path / "plots"
     res = subprocess.run([str(BIN / "tandem"), "bench", "offline", "--model", "tiny-llama", "--workload",
-                          "offline-small", "--peers", "hf-fifo", "hf-static", "--json", str(out)],
+                          "offline-small", "--peers", "hf-fifo", "hf-static", "--static-batch", "4", "8", "--no-tune",
+                          "--json", str(out), "--plots", str(plots)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
     assert report["workload"]["name"] == "offline-small" and report["environment"]["torch"]
     systems = [r["system"] for r in report["results"]]
-    assert systems[:4] == ["tandem fcfs", "tandem prefill-priority", "tandem async-overlap:fcfs",
-                           "tandem async-overlap:prefill-priority"]
+    assert systems == ["tandem fcfs", "tandem prefill-priority", "tandem async-overlap:fcfs",
+                       "tandem async-overlap:prefill-priority", "transformers generate_batch fifo",
+                       "transformers generate (static, batch 4)", "transformers generate (static, batch 8)"]
     for r in report["results"]:
         assert r["error"] is None, r
-        assert r["output_tokens"] > 0 and r["tokens_per_s"] > 0
+        # every system generates exactly the workload's lengths
+        assert r["output_tokens"] == report["workload"]["output_tokens"] and r["tokens_per_s"] > 0
+    util = report["results"][0]["extra"]["utilisation"]
+    assert util["roofline_flops"] > 0 and 0 < util["fraction"] and util["steps"] > 0
+    assert "best tandem / best generate_batch" in res.stdout
+    png = (plots / "offline_offline-small_throughput.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_generate_batch_tuning_picks_the_fastest_setting() -> None:
+    from engine.model_loader import resolve_path
+    from service.bench.offline import _hf_model, tune_hf
+
+    model = _hf_model(resolve_path("tiny-llama"), "cpu", None)
+    work = make("offline-small", model.config.vocab_size)
+    grid = [{}, dict(max_batch_tokens=64, max_requests_per_batch=2)]
+    best, trials = tune_hf(model, work, "fifo", grid, tune_requests=3)
+    assert [t.error for t in trials] == [None, None]
+    assert all(t.output_tokens == sum(work.output_lens[:3]) for t in trials)
+    fastest = max(trials, key=lambda t: t.tokens_per_s)
+    assert best == {k: v for k, v in fastest.settings.items() if k not in ("scheduler_type", "use_async_batching")}
+
+
+def test_bench_serve_sweep_against_local_server(tmp_path) -> None:
+    out, plots = tmp_path / "serve.json", tmp_path / "plots"
+    res = subprocess.run([str(BIN / "tandem"), "bench", "serve", "--model", "tiny-llama", "--workload", "offline-small",
+                          "--rate", "20", "inf", "--goodput", "ttft:60000", "tpot:60000", "--json", str(out),
+                          "--plots", str(plots)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    [server] = report["servers"]
+    assert server["info"]["scheduler"] == "fcfs" and [r["rate"] for r in server["runs"]] == [20.0, float("inf")]
+    for run in server["runs"]:
+        assert run["completed"] == server["workload"]["requests"] and not run["errors"]
+        assert sum(r["output_tokens"] for r in run["records"]) == server["workload"]["output_tokens"]
+        assert 0 < run["ttft_ms"]["p50"] <= run["ttft_ms"]["p99"] <= run["e2e_ms"]["p99"]
+        assert run["goodput"]["request_throughput"] == run["request_throughput"]  # SLOs no request can miss
+    assert (plots / "serve_offline-small_latency_cdf.png").read_bytes().startswith(b"\x89PNG")
+    assert (plots / "serve_offline-small_vs_rate.png").exists() is False  # one finite rate: no curve to draw
+
+
+def test_bench_serve_rejects_a_bad_goodput_flag() -> None:
+    res = subprocess.run([str(BIN / "tandem"), "bench", "serve", "--target", "127.0.0.1:1", "--goodput", "ttfb:5"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--goodput" in res.stderr
