@@ -1,7 +1,9 @@
 """Engine configuration, one dataclass."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from engine.request import RequestLimits
 
 CPU_DEFAULT_KV_GB = 1.0
 
@@ -19,6 +21,8 @@ class EngineConfig:
     max_batch_tokens: int = 2048  # tokens per step (chunked-prefill budget)
     max_num_seqs: int = 64  # sequences per step
     seed: int = 0  # for requests that carry no seed of their own
+    limits: RequestLimits = field(default_factory=RequestLimits)  # per-request bounds (server flags)
+    step_timeout_s: float | None = None  # a step running longer marks the engine hung (watchdog)
 
     def validate(self) -> None:
         if self.block_size < 1:
@@ -29,5 +33,7 @@ class EngineConfig:
             raise ValueError(f"kv_blocks must be >= 1, got {self.kv_blocks}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.step_timeout_s is not None and self.step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")

@@ -14,7 +14,7 @@ import structlog
 from engine.block_manager import BlockManager
 from engine.config import CPU_DEFAULT_KV_GB, EngineConfig
 from engine.core import EngineCore, SchedulerConfig
-from engine.errors import EngineDeadError, InvalidRequestError
+from engine.errors import EngineDeadError, EngineHungError, InvalidRequestError
 from engine.executor import Executor
 from engine.executor_worker import WorkerExecutor
 from engine.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
@@ -79,7 +79,7 @@ def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, 
     kv = KVCache(layout, num_blocks, loaded.device)
     executor = make_executor(loaded, kv, config.seed, overlap=bool(getattr(scheduler, "overlap", False)))
     blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    limits = ModelLimits(loaded.vocab_size, loaded.max_model_len, kv.capacity_tokens)
+    limits = ModelLimits(loaded.vocab_size, loaded.max_model_len, kv.capacity_tokens, requests=config.limits)
     core = EngineCore(
         executor,
         blocks,
@@ -117,8 +117,12 @@ class Engine:
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (time, output tokens) per step
+        self._step_started: float | None = None  # set while core.step() runs (watchdog)
+        self._queued = 0  # submitted, not yet seen by the loop
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
+        if self.config.step_timeout_s is not None:
+            threading.Thread(target=self._watchdog, name="tandem-watchdog", daemon=True).start()
 
     # -- public API ------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> str:
@@ -133,6 +137,7 @@ class Engine:
             if seq.request_id in self._sinks:
                 raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
             self._sinks[seq.request_id] = sink
+            self._queued += 1
         self._commands.put(("add", seq))
         return seq.request_id
 
@@ -191,13 +196,19 @@ class Engine:
     def dead(self) -> BaseException | None:
         return self._dead
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet admitted, including those submitted since the loop last looked:
+        a burst that arrives within one step is counted in full."""
+        return len(self.core.waiting) + self._queued
+
     def load(self) -> Load:
         blocks = self.core.blocks
         now = time.monotonic()
         with self._lock:
             tokens = sum(n for t, n in self._recent if t >= now - THROUGHPUT_WINDOW_S)
         return Load(
-            waiting=len(self.core.waiting),
+            waiting=self.num_waiting,
             running=len(self.core.running),
             kv_blocks_used=blocks.num_used,
             kv_blocks_cached=blocks.num_cached,
@@ -206,9 +217,14 @@ class Engine:
             output_tokens_per_second=tokens / THROUGHPUT_WINDOW_S,
         )
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the loop; with a timeout, a wedged engine thread is left behind (it is a
+        daemon) rather than joined forever."""
         self._commands.put((_STOP, None))
-        self._thread.join()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("engine_thread_wedged", timeout_seconds=timeout)
+            return
         self.core.executor.close()
 
     def __enter__(self) -> Engine:
@@ -234,14 +250,30 @@ class Engine:
                 self._fail(exc)
                 return
             if self.core.has_work():
+                self._step_started = time.monotonic()
                 try:
                     outputs = self.core.step()
                 except BaseException as exc:  # noqa: BLE001 - every request must hear of it
                     self._fail(exc)
                     return
+                finally:
+                    self._step_started = None
+                if self._dead is not None:  # the watchdog gave up on this step meanwhile
+                    return
                 self._count(outputs)
                 for out in outputs:
                     self._deliver(out)
+
+    def _watchdog(self) -> None:
+        """Fail every request if one step runs past step_timeout_s: a wedged device or kernel
+        must end streams with a status, not leave them hanging."""
+        timeout = self.config.step_timeout_s
+        while self._dead is None:
+            time.sleep(min(1.0, timeout / 4))
+            started = self._step_started
+            if started is not None and time.monotonic() - started > timeout:
+                self._fail(EngineHungError(f"an engine step has run for over {timeout:g} s"))
+                return
 
     def _count(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -256,7 +288,11 @@ class Engine:
             self._fail(EngineDeadError("the engine was shut down"))
             return False
         if kind == "add":
-            self.core.add(arg)
+            try:
+                self.core.add(arg)
+            finally:
+                with self._lock:
+                    self._queued -= 1
         else:
             out = self.core.abort(arg)
             if out is not None:
@@ -278,9 +314,11 @@ class Engine:
                 self.core.abort(out.request_id)
 
     def _fail(self, exc: BaseException) -> None:
-        if not isinstance(exc, EngineDeadError):
+        if not isinstance(exc, EngineDeadError) or isinstance(exc, EngineHungError):
             log.error("engine_failed", error=repr(exc))
         with self._lock:
+            if self._dead is not None:  # the watchdog and the loop may both get here
+                return
             self._dead = exc
             sinks, self._sinks = self._sinks, {}
         error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine step failed: {exc!r}")

@@ -25,3 +25,7 @@ class UnsupportedModelError(TandemError):
 
 class EngineDeadError(TandemError, RuntimeError):
     """The engine loop failed; no further requests can be served by this engine."""
+
+
+class EngineHungError(EngineDeadError):
+    """A step ran past the watchdog's timeout; the engine thread is presumed wedged."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine import faults
 from engine.attention import STEP_KWARG
 from engine.batch import HostBatch, PreparedStep, StepBatch, build_host_batch, device_step
 from engine.kv_cache import KVCache
@@ -96,6 +97,8 @@ class Executor:
         self.rng = np.random.default_rng(seed)
         self.stats = ExecutorStats()
         self._last_busy_end: float | None = None
+        self._fault = faults.from_env()
+        self._computed = 0
 
     # -- the launch / collect interface ----------------------------------------------------
     def launch(self, batch: StepBatch, prev: StepHandle | None = None) -> StepHandle:
@@ -132,6 +135,9 @@ class Executor:
     def _compute(self, handle: StepHandle, flat: torch.Tensor) -> None:
         """Forward and sample, on the current device stream."""
         prev_tokens = handle.prev.output.tokens if handle.prev is not None and handle.prev.output else None
+        self._computed += 1
+        if self._fault is not None:
+            self._fault.check(self._computed)
         with torch.inference_mode():
             prepared = device_step(handle.host, flat, self.kv, prev_tokens)
             logits = self.forward(prepared, prepared.sample_rows)

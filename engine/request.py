@@ -5,6 +5,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.errors import InvalidRequestError
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -80,6 +82,20 @@ class ModelLimits:
     max_model_len: int
     kv_capacity_tokens: int
     max_top_logprobs: int = 20
+    requests: RequestLimits = field(default_factory=lambda: RequestLimits())
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Operator-set bounds on one request (server flags), on top of what the model allows.
+    Defaults are safe for a shared service: a request that needs more is refused, by field."""
+
+    max_prompt_tokens: int | None = None  # None: up to the model's context
+    max_new_tokens: int | None = None  # None: up to the model's context
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_logit_bias: int = 300
 
 
 @dataclass
@@ -153,6 +169,9 @@ def validate_sampling(s: SamplingParams, limits: ModelLimits) -> None:
         _finite(value, f"sampling.{name}")
         if not -2 <= value <= 2:
             raise InvalidRequestError(f"sampling.{name}", f"must be in [-2, 2], got {value}")
+    if len(s.logit_bias) > limits.requests.max_logit_bias:
+        raise InvalidRequestError("sampling.logit_bias",
+                                  f"{len(s.logit_bias)} entries, over the limit of {limits.requests.max_logit_bias}")
     for token, bias in s.logit_bias.items():
         _token_id(token, "sampling.logit_bias", limits.vocab_size)
         _finite(bias, f"sampling.logit_bias[{token}]")
@@ -171,11 +190,25 @@ def validate_stopping(s: StoppingCriteria, limits: ModelLimits, prompt_len: int)
         raise InvalidRequestError(
             "stopping.min_new_tokens", f"{s.min_new_tokens} exceeds max_new_tokens {s.max_new_tokens}"
         )
+    req = limits.requests
+    if req.max_new_tokens is not None and s.max_new_tokens > req.max_new_tokens:
+        raise InvalidRequestError("stopping.max_new_tokens",
+                                  f"{s.max_new_tokens} is over this server's limit of {req.max_new_tokens}")
+    if len(s.stop_token_ids) > req.max_stop_token_ids:
+        raise InvalidRequestError("stopping.stop_token_ids",
+                                  f"{len(s.stop_token_ids)} entries, over the limit of {req.max_stop_token_ids}")
     for token in s.stop_token_ids:
         _token_id(token, "stopping.stop_token_ids", limits.vocab_size)
+    if len(s.stop_strings) > req.max_stop_strings:
+        raise InvalidRequestError("stopping.stop_strings",
+                                  f"{len(s.stop_strings)} entries, over the limit of {req.max_stop_strings}")
     for text in s.stop_strings:
         if not isinstance(text, str) or not text:
             raise InvalidRequestError("stopping.stop_strings", f"stop strings must be non-empty text, got {text!r}")
+        if len(text) > req.max_stop_string_chars:
+            raise InvalidRequestError("stopping.stop_strings",
+                                      f"a stop string of {len(text)} characters, over the limit of "
+                                      f"{req.max_stop_string_chars}")
     total = prompt_len + s.max_new_tokens
     if total > limits.max_model_len:
         raise InvalidRequestError(
@@ -194,8 +227,18 @@ def validate_stopping(s: StoppingCriteria, limits: ModelLimits, prompt_len: int)
 def validate_prompt_ids(ids: list[int], limits: ModelLimits) -> None:
     if len(ids) == 0:
         raise InvalidRequestError("prompt", "must not be empty")
-    for token in ids:
-        _token_id(token, "prompt.token_ids", limits.vocab_size)
+    cap = limits.requests.max_prompt_tokens
+    if cap is not None and len(ids) > cap:
+        raise InvalidRequestError("prompt", f"{len(ids)} tokens, over this server's limit of {cap}")
+    try:
+        arr = np.asarray(ids)
+        out_of_range = arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= limits.vocab_size
+    except (OverflowError, TypeError, ValueError):
+        out_of_range = True
+    if out_of_range:
+        bad = next((t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < limits.vocab_size), ids[0])
+        raise InvalidRequestError("prompt.token_ids",
+                                  f"token id {bad!r} is outside the vocabulary [0, {limits.vocab_size})")
     if len(ids) >= limits.max_model_len:
         raise InvalidRequestError(
             "prompt", f"{len(ids)} tokens leave no room to generate within the context length {limits.max_model_len}"

@@ -29,6 +29,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB")
+    g.add_argument("--kv-blocks", type=int, default=None, help="exact number of KV blocks (overrides --kv-cache-gb)")
     g.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per step (chunked prefill budget)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     g.add_argument("--no-prefix-caching", action="store_true")
@@ -47,6 +48,7 @@ def _engine_config(args: argparse.Namespace):
         device=args.device,
         block_size=args.block_size,
         kv_cache_gb=args.kv_cache_gb,
+        kv_blocks=args.kv_blocks,
         max_batch_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching,
@@ -73,6 +75,20 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
     p.add_argument("--target", default=None, metavar="HOST:PORT", help="stream from a running tandem server")
+    p.add_argument("--tls-ca", default=None, help="with --target: connect over TLS, trusting this PEM CA bundle")
+    p.add_argument("--tls-cert", default=None, help="with --target: client certificate (mTLS), PEM")
+    p.add_argument("--tls-key", default=None, help="with --target: private key of --tls-cert, PEM")
+    p.add_argument("--auth-token-file", default=None, help="with --target: send the first token in this file")
+
+
+def _channel(args: argparse.Namespace):
+    import grpc
+
+    if not args.tls_ca:
+        return grpc.insecure_channel(args.target)
+    read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+    creds = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+    return grpc.secure_channel(args.target, creds)
 
 
 def _generate_remote(args: argparse.Namespace) -> int:
@@ -93,9 +109,14 @@ def _generate_remote(args: argparse.Namespace) -> int:
                                      stop_strings=args.stop, ignore_eos=args.ignore_eos),
     )
     count, reason = 0, None
-    with grpc.insecure_channel(args.target) as channel:
+    metadata = None
+    if args.auth_token_file:
+        from service.auth import load_tokens
+
+        metadata = (("authorization", f"Bearer {load_tokens(args.auth_token_file)[0].decode()}"),)
+    with _channel(args) as channel:
         try:
-            for response in pb_grpc.GenerationServiceStub(channel).GenerateStream(request):
+            for response in pb_grpc.GenerationServiceStub(channel).GenerateStream(request, metadata=metadata):
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
                 count += len(response.token_ids)
@@ -158,12 +179,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from engine import Engine
     from schedulers import parse_options
-    from service.server import ServerOptions, run
+    from service.server import ServerOptions, server_credentials, run
+
+    from dataclasses import replace
+
+    from engine import RequestLimits
+    from service.auth import load_tokens
 
     scheduler = _scheduler(args)
     opts = ServerOptions(args.host, args.port, args.grace, args.max_waiting, parse_options(args.scheduler_opt),
-                         args.metrics_port)
-    return run(Engine(_engine_config(args), scheduler), opts)
+                         args.metrics_port, args.max_message_bytes, args.tls_cert, args.tls_key, args.tls_client_ca,
+                         load_tokens(args.auth_token_file) if args.auth_token_file else None, args.log_prompts)
+    limits = RequestLimits(args.max_prompt_tokens, args.max_new_tokens, args.max_stop_strings,
+                           args.max_stop_string_length, args.max_stop_token_ids, args.max_logit_bias)
+    config = replace(_engine_config(args), limits=limits, step_timeout_s=args.step_timeout or None)
+    server_credentials(opts)  # bad TLS flags fail before the model loads
+    return run(Engine(config, scheduler), opts)
 
 
 def cmd_bench_offline(args: argparse.Namespace) -> int:
@@ -245,6 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="waiting requests beyond which new ones get RESOURCE_EXHAUSTED")
     serve.add_argument("--log-format", choices=["json", "console"], default="json")
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    serve.add_argument("--step-timeout", type=float, default=300.0,
+                       help="seconds one engine step may run before the engine is declared hung (0: never)")
+    sec = serve.add_argument_group("security")
+    sec.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
+    sec.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates (mTLS)")
+    sec.add_argument("--auth-token-file", default=None,
+                     help="bearer tokens, one per line: every RPC but health needs 'authorization: Bearer <token>'")
+    sec.add_argument("--log-prompts", action="store_true", help="log prompt and output text (off by default)")
+    lim = serve.add_argument_group("request limits")
+    lim.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context length")
+    lim.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's context length")
+    lim.add_argument("--max-stop-strings", type=int, default=16)
+    lim.add_argument("--max-stop-string-length", type=int, default=256, help="characters")
+    lim.add_argument("--max-stop-token-ids", type=int, default=64)
+    lim.add_argument("--max-logit-bias", type=int, default=300, help="logit_bias entries")
+    lim.add_argument("--max-message-bytes", type=int, default=4 * 2**20,
+                     help="largest request message; larger ones get RESOURCE_EXHAUSTED")
     _engine_args(serve)
     serve.set_defaults(func=cmd_serve, verbose=True)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)

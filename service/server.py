@@ -5,6 +5,7 @@ import asyncio
 import signal
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import structlog
@@ -12,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine import Engine, StoppingCriteria
+from service.auth import BearerAuthInterceptor
 from service.info import InfoServicer
 from service.servicer import GenerationServicer
 from tandem.v1 import generation_pb2 as pb
@@ -21,16 +23,16 @@ from tandem.v1 import info_pb2, info_pb2_grpc
 log = structlog.get_logger("tandem.server")
 
 # Long prefills can keep a stream silent for a while: clients may ping without data and
-# must not be sent GOAWAY for it; large prompts need more than the 4 MiB default.
+# must not be sent GOAWAY for it. Keepalive also finds connections that dropped without a
+# cancel, so their streams end and their blocks come back.
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.max_receive_message_length", 64 * 2**20),
-    ("grpc.max_send_message_length", 64 * 2**20),
 ]
+EXIT_ENGINE_FAILED = 70  # EX_SOFTWARE: the engine failed or hung; the orchestrator restarts us
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 INFO_SERVICE = info_pb2.DESCRIPTOR.services_by_name["InfoService"].full_name
 
@@ -43,25 +45,50 @@ class ServerOptions:
     max_waiting: int = 1024  # waiting requests beyond which new ones get RESOURCE_EXHAUSTED
     scheduler_options: dict[str, str] = field(default_factory=dict)  # reported by GetServerInfo
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0 picks one)
+    max_message_bytes: int = 4 * 2**20  # larger requests get RESOURCE_EXHAUSTED from gRPC itself
+    tls_cert: str | None = None  # PEM files; with tls_client_ca, clients must present a certificate
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_tokens: list[bytes] | None = None  # bearer tokens; None: no authentication
+    log_prompts: bool = False  # prompt and output text in the logs (off: never logged)
+
+
+def server_credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:
+    if not opts.tls_cert and not opts.tls_key:
+        if opts.tls_client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (opts.tls_cert and opts.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    read = lambda p: Path(p).read_bytes()  # noqa: E731
+    ca = read(opts.tls_client_ca) if opts.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read(opts.tls_key), read(opts.tls_cert))], root_certificates=ca,
+                                       require_client_auth=ca is not None)
 
 
 async def serve(engine: Engine, opts: ServerOptions) -> int:
     host, grace = opts.host, opts.grace
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    credentials = server_credentials(opts)
+    interceptors = [BearerAuthInterceptor(opts.auth_tokens)] if opts.auth_tokens else []
+    size = opts.max_message_bytes
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS + [
+        ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", max(size, 64 * 2**20))])
     health_servicer = health.aio.HealthServicer()
 
     async def not_serving() -> None:
         for name in ("", GENERATION_SERVICE, INFO_SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    generation = GenerationServicer(engine, opts.max_waiting, on_engine_failure=not_serving)
+    generation = GenerationServicer(engine, opts.max_waiting, on_engine_failure=not_serving,
+                                    log_prompts=opts.log_prompts)
     pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
     info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(engine, opts.scheduler_options, opts.max_waiting),
                                                     server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (GENERATION_SERVICE, INFO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{opts.port}")
+    address = f"{host}:{opts.port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await not_serving()
     await server.start()
     # Warm up before declaring SERVING: the first forward pass allocates and compiles.
@@ -74,13 +101,23 @@ async def serve(engine: Engine, opts: ServerOptions) -> int:
 
         metrics_note = f" metrics on {host}:{metrics.start(engine, host, opts.metrics_port)}"
     print(f"tandem serving on {host}:{bound}{metrics_note}", flush=True)
-    log.info("serving", host=host, port=bound, scheduler=engine.core.scheduler.name)
+    log.info("serving", host=host, port=bound, scheduler=engine.core.scheduler.name, tls=credentials is not None,
+             mtls=bool(opts.tls_client_ca), auth=bool(opts.auth_tokens))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    failed = asyncio.create_task(_engine_failure(engine))
+    await asyncio.wait([asyncio.create_task(stop.wait()), failed], return_when=asyncio.FIRST_COMPLETED)
+    if failed.done():
+        # Every in-flight stream has its status already (the engine failed them all); the
+        # process exits non-zero so that an orchestrator restarts it with a fresh engine.
+        await not_serving()
+        log.error("exiting_engine_failed", error=repr(engine.dead), exit_code=EXIT_ENGINE_FAILED)
+        await server.stop(min(grace, 5.0))
+        return EXIT_ENGINE_FAILED
+    failed.cancel()
     log.info("draining", grace_seconds=grace)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace)  # refuses new RPCs, lets in-flight ones finish, then cancels them
@@ -88,9 +125,14 @@ async def serve(engine: Engine, opts: ServerOptions) -> int:
     return 0
 
 
+async def _engine_failure(engine: Engine, poll_s: float = 0.2) -> None:
+    while engine.dead is None:
+        await asyncio.sleep(poll_s)
+
+
 def run(engine: Engine, opts: ServerOptions) -> int:
     try:
         return asyncio.run(serve(engine, opts))
     finally:
-        engine.shutdown()
+        engine.shutdown(timeout=5.0)
         sys.stdout.flush()

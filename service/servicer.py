@@ -8,6 +8,7 @@ import grpc
 import structlog
 
 from engine import Engine, EngineDeadError, GenerationRequest, InvalidRequestError
+from engine.errors import EngineHungError
 from service.convert import FINISH_REASONS, api_field, logprobs, stream_response, to_request
 from service import metrics
 from service.errors import invalid_argument, resource_exhausted
@@ -15,6 +16,7 @@ from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("tandem.service")
+MAX_REQUEST_ID = 256
 
 
 def _request_id(msg, context: grpc.aio.ServicerContext) -> str:
@@ -26,16 +28,26 @@ def _request_id(msg, context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
+def _bad_request_id(request_id: str) -> str | None:
+    """Ids are echoed as x-request-id metadata, so they must be legal header values."""
+    if len(request_id) > MAX_REQUEST_ID:
+        return f"{len(request_id)} characters, over the limit of {MAX_REQUEST_ID}"
+    if not all(" " <= c <= "~" for c in request_id):
+        return "must be printable ASCII (it is echoed as x-request-id metadata)"
+    return None
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, engine: Engine, max_waiting: int, on_engine_failure=None) -> None:
+    def __init__(self, engine: Engine, max_waiting: int, on_engine_failure=None, log_prompts: bool = False) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
         self.on_engine_failure = on_engine_failure
+        self.log_prompts = log_prompts  # off: prompt and output text never reach the logs
 
     async def _prepare(self, msg, context) -> GenerationRequest:
         if self.engine.dead is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine has failed; this server is not serving")
-        if len(self.engine.core.waiting) >= self.max_waiting:
+        if self.engine.num_waiting >= self.max_waiting:
             await context.abort_with_status(resource_exhausted(
                 f"{self.max_waiting} requests are already waiting (--max-waiting); retry later", retry_after_s=1.0
             ))
@@ -44,6 +56,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except InvalidRequestError as exc:
             await context.abort_with_status(invalid_argument(exc.field, exc.message))
         request.request_id = _request_id(msg, context)
+        if problem := _bad_request_id(request.request_id):
+            await context.abort_with_status(invalid_argument("request_id", problem))
         await context.send_initial_metadata((("x-request-id", request.request_id),))
         return request
 
@@ -58,14 +72,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             log.error("engine_failed", request_id=request.request_id, error=str(exc))
             if self.on_engine_failure is not None:
                 await self.on_engine_failure()
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            # A hung step may be transient on a fresh engine (retry elsewhere); a raised one is a bug.
+            code = grpc.StatusCode.UNAVAILABLE if isinstance(exc, EngineHungError) else grpc.StatusCode.INTERNAL
+            await context.abort(code, str(exc))
 
     async def GenerateStream(self, msg, context):
         received = time.monotonic()
         request = await self._prepare(msg, context)
-        log.info("request_received", request_id=request.request_id, rpc="GenerateStream")
+        self._received(request, "GenerateStream")
         first_at = last_at = None
-        tokens, finished = 0, False
+        tokens, finished, text = 0, False, []
         try:
             async for out in self._outputs(request, context):
                 now = time.monotonic()
@@ -78,6 +94,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     metrics.ITL.observe(now - last_at)
                 last_at = now
                 tokens += len(out.token_ids)
+                if self.log_prompts:
+                    text.append(out.text)
                 if out.finished:
                     finished = True
                     response.usage.CopyFrom(pb.Usage(prompt_tokens=out.num_prompt_tokens,
@@ -86,7 +104,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     response.timings.time_to_first_token_seconds = first_at - received
                     response.timings.queue_seconds = out.queue_seconds or 0.0
                     response.timings.total_seconds = now - received
-                    self._finished(request.request_id, out.finish_reason.value, tokens, received)
+                    self._finished(request.request_id, out.finish_reason.value, tokens, received, "".join(text))
                 yield response
         finally:
             if not finished:  # cancelled, deadline, or an error status
@@ -94,25 +112,32 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 metrics.REQUESTS.labels("aborted", code).inc()
                 log.info("request_aborted", request_id=request.request_id, code=code, completion_tokens=tokens)
 
-    def _finished(self, request_id: str, reason: str, tokens: int, received: float) -> None:
+    def _received(self, request: GenerationRequest, rpc: str) -> None:
+        extra = dict(prompt=request.prompt) if self.log_prompts else {}
+        log.info("request_received", request_id=request.request_id, rpc=rpc, **extra)
+
+    def _finished(self, request_id: str, reason: str, tokens: int, received: float, text: str) -> None:
         seconds = time.monotonic() - received
         metrics.E2E.observe(seconds)
         metrics.REQUESTS.labels(reason, "OK").inc()
+        extra = dict(output=text) if self.log_prompts else {}
         log.info("request_finished", request_id=request_id, reason=reason, completion_tokens=tokens,
-                 seconds=round(seconds, 4))
+                 seconds=round(seconds, 4), **extra)
 
     async def Generate(self, msg, context):
         received = time.monotonic()
         request = await self._prepare(msg, context)
+        self._received(request, "Generate")
         parts = [out async for out in self._outputs(request, context)]
         last = parts[-1]
         tokens = [t for p in parts for t in p.token_ids]
-        self._finished(request.request_id, last.finish_reason.value, len(tokens), received)
+        text = "".join(p.text for p in parts)
+        self._finished(request.request_id, last.finish_reason.value, len(tokens), received, text)
         lps = [lp for p in parts for lp in (p.logprobs or [])]
         return pb.GenerateResponse(
             request_id=request.request_id,
             token_ids=tokens,
-            text="".join(p.text for p in parts),
+            text=text,
             logprobs=logprobs(lps),
             finish_reason=FINISH_REASONS[last.finish_reason],
             usage=pb.Usage(prompt_tokens=last.num_prompt_tokens, cached_prompt_tokens=last.num_cached_tokens,

@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -43,3 +49,28 @@ def small_core(num_blocks: int, block_size: int = 4, scheduler: str = "fcfs", **
 
 def random_prompts(rng: np.random.Generator, n: int, low: int, high: int, vocab: int = 512) -> list[list[int]]:
     return [rng.integers(3, vocab, int(rng.integers(low, high + 1))).tolist() for _ in range(n)]
+
+
+BIN = Path(sys.executable).parent
+METRICS: dict[str, str] = {}  # server target -> its metrics address
+
+
+def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`tandem serve` on a free loopback port; returns the process and HOST:PORT once it serves."""
+    # stderr (the JSON logs) goes to a file: a pipe nobody drains would block a busy server.
+    log = tempfile.NamedTemporaryFile("w", prefix="tandem-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen([str(BIN / "tandem"), "serve", "--port", "0", *args], stdout=subprocess.PIPE,
+                            stderr=log, text=True, env={**os.environ, **(env or {})})
+    proc.log_path = log.name
+    line = proc.stdout.readline()
+    if not line.startswith("tandem serving on"):
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r} {server_log(proc)}")
+    words = line.split()
+    if "metrics" in words:
+        METRICS[words[3]] = words[-1]
+    return proc, words[3]
+
+
+def server_log(proc: subprocess.Popen) -> str:
+    return Path(proc.log_path).read_text()

@@ -15,28 +15,12 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from conftest import make_engine
+from conftest import METRICS, make_engine, server_log, start_server
 from engine import SamplingParams, StoppingCriteria
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 
 BIN = Path(sys.executable).parent
-
-
-METRICS = {}
-
-
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([str(BIN / "tandem"), "serve", "--port", "0", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("tandem serving on"):
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r} {proc.stderr.read()}")
-    words = line.split()
-    if "metrics" in words:
-        METRICS[words[3]] = words[-1]
-    return proc, words[3]
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +145,7 @@ def test_sigterm_finishes_in_flight_streams_and_exits_zero() -> None:
                 pb_grpc.GenerationServiceStub(channel).Generate(
                     pb.GenerateRequest(text="late", stopping=pb.StoppingCriteria(max_new_tokens=2)), timeout=5)
         assert proc.wait(30) == 0
-        events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        events = [json.loads(line) for line in server_log(proc).splitlines() if line.startswith("{")]
         finished = [e for e in events if e["event"] == "request_finished"]
         assert finished and finished[0]["completion_tokens"] == 150 and finished[0]["request_id"]
         assert {"serving", "draining", "stopped"} <= {e["event"] for e in events}

@@ -1,0 +1,66 @@
+"""Bearer-token authentication, checked by a server interceptor before any handler runs."""
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+import grpc
+import structlog
+
+log = structlog.get_logger("tandem.auth")
+
+# Probes must reach health without a credential.
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def load_tokens(path: str | Path) -> list[bytes]:
+    """One token per line; blank lines and #-comments are skipped. Refuses an empty file."""
+    tokens = [line.strip().encode() for line in Path(path).read_text().splitlines()
+              if line.strip() and not line.lstrip().startswith("#")]
+    if not tokens:
+        raise ValueError(f"--auth-token-file {path}: no tokens in the file")
+    return tokens
+
+
+def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def deny(request_or_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer <token>` must match one of the tokens. Compared in constant
+    time against every token (no early exit that would time which one is near); the token
+    is never logged."""
+
+    def __init__(self, tokens: list[bytes]) -> None:
+        self._tokens = tokens
+
+    def _authorized(self, metadata) -> bool:
+        presented = b""
+        for key, value in metadata or ():
+            if key == "authorization":
+                raw = value.encode() if isinstance(value, str) else value
+                if raw[:7].lower() == b"bearer ":
+                    presented = raw[7:].strip()
+        ok = False
+        for token in self._tokens:
+            ok |= hmac.compare_digest(presented, token)
+        return ok and bool(presented)
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(PUBLIC_PREFIXES):
+            return handler
+        if self._authorized(details.invocation_metadata):
+            return handler
+        log.warning("unauthenticated", method=details.method)
+        return _denied(handler, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")

@@ -1,0 +1,140 @@
+"""TLS, mutual TLS and bearer tokens on real server processes, with certificates made here."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import signal
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import BIN, server_log, start_server
+from tandem.v1 import generation_pb2 as pb
+from tandem.v1 import generation_pb2_grpc as pb_grpc
+
+TOKEN = "s3cret-token-never-logged-7f3a"
+PROMPT = "quokka sentinel phrase"
+
+
+def _pem(obj) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _cert(name: str, key, issuer_name: str, issuer_key, ca: bool = False, server: bool = False):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1, a client certificate from the CA and one from a stranger CA."""
+    d = tmp_path_factory.mktemp("pki")
+    keys = {n: ec.generate_private_key(ec.SECP256R1()) for n in ("ca", "server", "client", "rogue_ca", "rogue")}
+    certs = {
+        "ca": _cert("tandem test CA", keys["ca"], "tandem test CA", keys["ca"], ca=True),
+        "server": _cert("localhost", keys["server"], "tandem test CA", keys["ca"], server=True),
+        "client": _cert("client", keys["client"], "tandem test CA", keys["ca"]),
+        "rogue_ca": _cert("rogue CA", keys["rogue_ca"], "rogue CA", keys["rogue_ca"], ca=True),
+        "rogue": _cert("rogue", keys["rogue"], "rogue CA", keys["rogue_ca"]),
+    }
+    paths = {}
+    for name in certs:
+        (d / f"{name}.pem").write_bytes(_pem(certs[name]))
+        (d / f"{name}.key").write_bytes(_pem(keys[name]))
+        paths[name], paths[f"{name}_key"] = d / f"{name}.pem", d / f"{name}.key"
+    (d / "tokens").write_text(f"# tokens for the test\n{TOKEN}\nsecond-token\n")
+    paths["tokens"] = d / "tokens"
+    return paths
+
+
+def _secure(target: str, pki, client: str | None = None) -> grpc.Channel:
+    chain = key = None
+    if client:
+        chain, key = pki[client].read_bytes(), pki[f"{client}_key"].read_bytes()
+    creds = grpc.ssl_channel_credentials(pki["ca"].read_bytes(), private_key=key, certificate_chain=chain)
+    return grpc.secure_channel(target, creds)
+
+
+def _generate(channel: grpc.Channel, token: str | None = None) -> pb.GenerateResponse:
+    metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
+    return pb_grpc.GenerationServiceStub(channel).Generate(
+        pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(temperature=0),
+                           stopping=pb.StoppingCriteria(max_new_tokens=4, ignore_eos=True)),
+        metadata=metadata, timeout=30)
+
+
+def _code(fn) -> grpc.StatusCode:
+    try:
+        fn()
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def test_tls_with_bearer_tokens(pki) -> None:
+    proc, target = start_server("--model", "tiny-llama", "--tls-cert", str(pki["server"]), "--tls-key",
+                                str(pki["server_key"]), "--auth-token-file", str(pki["tokens"]))
+    try:
+        with _secure(target, pki) as channel:
+            assert len(_generate(channel, TOKEN).token_ids) == 4
+            assert len(_generate(channel, "second-token").token_ids) == 4
+            assert _code(lambda: _generate(channel)) == grpc.StatusCode.UNAUTHENTICATED
+            assert _code(lambda: _generate(channel, TOKEN + "x")) == grpc.StatusCode.UNAUTHENTICATED
+            assert _code(lambda: _generate(channel, "")) == grpc.StatusCode.UNAUTHENTICATED
+            # Probes need no token.
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        cli = subprocess.run([str(BIN / "tandem"), "generate", PROMPT, "--target", target, "--tls-ca", str(pki["ca"]),
+                              "--auth-token-file", str(pki["tokens"]), "--max-new-tokens", "3", "--stats"],
+                             capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0 and "3 tokens" in cli.stderr, cli.stderr
+        with grpc.insecure_channel(target) as plain:  # a plaintext client cannot talk to a TLS port
+            assert _code(lambda: _generate(plain, TOKEN)) == grpc.StatusCode.UNAVAILABLE
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        log = server_log(proc)
+        assert '"unauthenticated"' in log and TOKEN not in log and "second-token" not in log
+        assert "quokka" not in log  # no prompt or output text without --log-prompts
+    finally:
+        proc.kill()
+
+
+def test_mutual_tls_refuses_clients_without_a_trusted_certificate(pki) -> None:
+    proc, target = start_server("--model", "tiny-llama", "--tls-cert", str(pki["server"]), "--tls-key",
+                                str(pki["server_key"]), "--tls-client-ca", str(pki["ca"]), "--log-prompts")
+    try:
+        with _secure(target, pki, "client") as channel:
+            assert len(_generate(channel).token_ids) == 4
+        with _secure(target, pki) as channel:  # no client certificate
+            assert _code(lambda: _generate(channel)) == grpc.StatusCode.UNAVAILABLE
+        with _secure(target, pki, "rogue") as channel:  # a certificate from a CA the server does not trust
+            assert _code(lambda: _generate(channel)) == grpc.StatusCode.UNAVAILABLE
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert PROMPT in server_log(proc)  # --log-prompts puts the text in
+    finally:
+        proc.kill()
+
+
+def test_tls_flags_are_checked_before_serving(pki) -> None:
+    with pytest.raises(RuntimeError, match="go together"):
+        start_server("--model", "tiny-llama", "--tls-cert", str(pki["server"]))
