@@ -19,16 +19,19 @@ from engine.kv_cache import KVCache
 from engine.sampling import SampleSpec
 
 
-# What one more decode attention call costs, in padded key slots. Grouping rows of similar
-# context length trades padding (gathered, attended-over keys that are masked off) for calls.
-DECODE_GROUP_COST_SLOTS = 1024
+# What one more decode attention call costs, in padded key slots, per device type. Grouping
+# rows of similar context length trades padding (gathered, attended-over keys that are masked
+# off) for calls. On the CPU a call costs about what gathering ~1k slots does; on a GPU a few
+# kernel launches cost what moving tens of thousands of slots does (a guess until measured).
+DECODE_GROUP_COST_SLOTS = {"cpu": 1024, "cuda": 16384}
+DEFAULT_GROUP_COST = 1024
 
 
 def placeholder(row: int) -> int:
     return -(row + 1)
 
 
-def decode_group_sizes(lengths: np.ndarray, cost: int = DECODE_GROUP_COST_SLOTS) -> list[int]:
+def decode_group_sizes(lengths: np.ndarray, cost: int = DEFAULT_GROUP_COST) -> list[int]:
     """Split lengths sorted longest first into consecutive groups, each padded to its first
     (longest) member, minimizing padded slots + `cost` per group (exact, O(n^2) vectorized)."""
     n = len(lengths)
@@ -80,7 +83,7 @@ class PreparedStep:
     sample_rows: torch.Tensor  # flattened index of the last token of each sampling row
 
 
-def build_host_batch(batch: StepBatch, block_size: int) -> HostBatch:
+def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAULT_GROUP_COST) -> HostBatch:
     """Flatten the ragged rows, vectorized over tokens (Python loops only over rows)."""
     rows, bs = batch.rows, block_size
     q_lens = np.fromiter((len(r.token_ids) for r in rows), dtype=np.int64, count=len(rows))
@@ -100,7 +103,7 @@ def build_host_batch(batch: StepBatch, block_size: int) -> HostBatch:
     decode = np.nonzero(q_lens == 1)[0]
     decode = decode[np.argsort(-ends[decode], kind="stable")]
     groups, decode_slots, at = [], [], 0
-    for size in decode_group_sizes(ends[decode]) if decode.size else []:
+    for size in decode_group_sizes(ends[decode], group_cost) if decode.size else []:
         members = decode[at : at + size]
         ctx = np.arange(int(ends[members[0]]))
         decode_slots.append((tables[members][:, ctx // bs] * bs + ctx % bs).ravel())

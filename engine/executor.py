@@ -19,7 +19,15 @@ import torch
 
 from engine import faults
 from engine.attention import STEP_KWARG
-from engine.batch import HostBatch, PreparedStep, StepBatch, build_host_batch, device_step
+from engine.batch import (
+    DECODE_GROUP_COST_SLOTS,
+    DEFAULT_GROUP_COST,
+    HostBatch,
+    PreparedStep,
+    StepBatch,
+    build_host_batch,
+    device_step,
+)
 from engine.kv_cache import KVCache
 from engine.sampling import SampleOutput, SamplingTensors, build_sampling, sample
 
@@ -94,6 +102,7 @@ class Executor:
         self.kv = kv
         self.device = device
         self.block_size = kv.layout.block_size
+        self.group_cost = DECODE_GROUP_COST_SLOTS.get(device.type, DEFAULT_GROUP_COST)
         self.rng = np.random.default_rng(seed)
         self.stats = ExecutorStats()
         self._last_busy_end: float | None = None
@@ -125,7 +134,7 @@ class Executor:
     # -- pieces ----------------------------------------------------------------------------
     def _prepare(self, batch: StepBatch, prev: StepHandle | None) -> StepHandle:
         started = time.perf_counter()
-        host = build_host_batch(batch, self.block_size)
+        host = build_host_batch(batch, self.block_size, self.group_cost)
         specs = [row.sample for row in batch.rows if row.sample is not None]
         sampling = build_sampling(specs, self.device, self.rng) if specs else None
         self.stats.prepare_seconds += time.perf_counter() - started
@@ -186,5 +195,5 @@ class Executor:
 
     def prepare(self, batch: StepBatch) -> PreparedStep:
         """The step's device tensors (no placeholders); for tests and tools."""
-        host = build_host_batch(batch, self.block_size)
+        host = build_host_batch(batch, self.block_size, self.group_cost)
         return device_step(host, torch.from_numpy(host.flat).to(self.device), self.kv, None)

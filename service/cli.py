@@ -207,34 +207,30 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     print(f"workload {w['name']}: {w['requests']} requests, {w['prompt_tokens']} prompt tokens, "
           f"{w['output_tokens']} output tokens; {report['environment']}")
     print(table(report))
-    if args.plots:
-        from service.bench.plots import plot_offline
-
-        Path(args.plots).mkdir(parents=True, exist_ok=True)
-        for path in plot_offline(report, args.plots):
-            print(f"plot: {path}")
+    _plots(report, args.plots)
     return 0
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from service.bench.serve import bench_serve, table
 
-    rates = [float(r) for r in args.rate]
-    try:
-        report = bench_serve(args.workload, rates, args.concurrency, args.target, args.model, tuple(args.schedulers),
-                             args.requests, args.seed, args.goodput, args.json)
-    except ValueError as exc:
-        print(f"tandem: {exc}", file=sys.stderr)
-        return 2
+    rates = [float(r) for r in args.rate]  # a bad rate is a ValueError: main() reports it, exit 2
+    report = bench_serve(args.workload, rates, args.concurrency, args.target, args.model, tuple(args.schedulers),
+                         args.requests, args.seed, args.goodput, args.json)
     print(f"workload {args.workload}; {report['environment']}")
     print(table(report))
-    if args.plots:
-        from service.bench.plots import plot_serve
-
-        Path(args.plots).mkdir(parents=True, exist_ok=True)
-        for path in plot_serve(report, args.plots):
-            print(f"plot: {path}")
+    _plots(report, args.plots)
     return 0
+
+
+def _plots(report: dict, out_dir: str | None) -> None:
+    if not out_dir:
+        return
+    from service.bench.plots import plot_offline, plot_serve
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for path in (plot_serve if report["kind"] == "serve" else plot_offline)(report, out_dir):
+        print(f"plot: {path}")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -313,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="batch sizes of transformers' static generate (each is a row)")
     offline.add_argument("--repeats", type=int, default=1, help="runs of each tandem system, interleaved; medians")
     offline.add_argument("--no-tune", action="store_true", help="run generate_batch at its defaults only")
-    offline.add_argument("--tune-requests", type=int, default=32,
-                         help="requests of the workload that generate_batch's settings are tuned on")
+    offline.add_argument("--tune-requests", type=int, default=None,
+                         help="tune generate_batch on the workload's first N requests, then run the best on all "
+                              "(default: every setting runs the whole workload and the best is the result)")
     offline.add_argument("--device", default=None)
     offline.add_argument("--dtype", default=None)
     offline.add_argument("--json", default=None, help="write every figure and the environment here")

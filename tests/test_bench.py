@@ -58,14 +58,13 @@ def test_generate_batch_tuning_picks_the_fastest_setting() -> None:
     best, trials = tune_hf(model, work, "fifo", grid, tune_requests=3)
     assert [t.error for t in trials] == [None, None]
     assert all(t.output_tokens == sum(work.output_lens[:3]) for t in trials)
-    fastest = max(trials, key=lambda t: t.tokens_per_s)
-    assert best == {k: v for k, v in fastest.settings.items() if k not in ("scheduler_type", "use_async_batching")}
+    assert best is max(trials, key=lambda t: t.tokens_per_s)
 
 
 def test_bench_serve_sweep_against_local_server(tmp_path) -> None:
     out, plots = tmp_path / "serve.json", tmp_path / "plots"
     res = subprocess.run([str(BIN / "tandem"), "bench", "serve", "--model", "tiny-llama", "--workload", "offline-small",
-                          "--rate", "20", "inf", "--goodput", "ttft:60000", "tpot:60000", "--json", str(out),
+                          "--rate", "20", "inf", "--concurrency", "3", "--goodput", "ttft:60000", "tpot:60000", "--json", str(out),
                           "--plots", str(plots)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
@@ -84,3 +83,16 @@ def test_bench_serve_rejects_a_bad_goodput_flag() -> None:
     res = subprocess.run([str(BIN / "tandem"), "bench", "serve", "--target", "127.0.0.1:1", "--goodput", "ttfb:5"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--goodput" in res.stderr
+
+
+def test_tuned_generate_batch_reports_its_best_whole_workload_trial() -> None:
+    from service.bench.offline import HF_GRID, bench_offline
+
+    report = bench_offline("tiny-llama", "offline-small", systems=[], peers=["hf-fifo"], static_batches=[],
+                           device="cpu", dtype_name=None, json_path=None, progress=lambda msg: None)
+    [row] = report["results"]
+    trials = report["hf_tuning"]["fifo"]
+    assert len(trials) == len(HF_GRID) and all(t["error"] is None for t in trials)
+    assert row["system"] == "transformers generate_batch fifo"
+    assert row["tokens_per_s"] == max(t["tokens_per_s"] for t in trials)
+    assert row["output_tokens"] == report["workload"]["output_tokens"]

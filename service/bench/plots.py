@@ -25,6 +25,7 @@ def plot_offline(report: dict, out_dir: str | Path) -> list[Path]:
     values = [r["tokens_per_s"] for r in rows][::-1]
     colors = ["tab:blue" if n.startswith("tandem") else "tab:gray" for n in names]
     ax.barh(names, values, color=colors)
+    ax.set_xlim(0, max(values, default=1) * 1.12)
     for y, v in enumerate(values):
         ax.text(v, y, f" {v:.0f}", va="center")
     w, env = report["workload"], report["environment"]
@@ -69,14 +70,13 @@ def plot_serve(report: dict, out_dir: str | Path) -> list[Path]:
     finite = [r for r in report["rates"] if not math.isinf(r)]
     if len(finite) >= 2:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-        for server in report["servers"]:
+        for k, server in enumerate(report["servers"]):
             runs = [r for r in server["runs"] if not math.isinf(r["rate"])]
-            x = [r["rate"] for r in runs]
-            axes[0].plot(x, [r["output_throughput"] for r in runs], "o-", label=server["label"])
-            axes[1].plot(x, [r["ttft_ms"]["p50"] for r in runs], "o-", label=f"{server['label']} p50")
-            axes[1].plot(x, [r["ttft_ms"]["p99"] for r in runs], "x--", label=f"{server['label']} p99")
-            axes[2].plot(x, [r["itl_ms"]["p50"] for r in runs], "o-", label=f"{server['label']} p50")
-            axes[2].plot(x, [r["itl_ms"]["p99"] for r in runs], "x--", label=f"{server['label']} p99")
+            x, color = [r["rate"] for r in runs], f"C{k}"
+            axes[0].plot(x, [r["output_throughput"] for r in runs], "o-", color=color, label=server["label"])
+            for ax, key in ((axes[1], "ttft_ms"), (axes[2], "itl_ms")):
+                ax.plot(x, [r[key]["p50"] for r in runs], "o-", color=color, label=f"{server['label']} p50")
+                ax.plot(x, [r[key]["p99"] for r in runs], "x--", color=color, label=f"{server['label']} p99")
         for ax, name in zip(axes, ("output tokens/s", "TTFT (ms)", "inter-token latency (ms)")):
             ax.set_xlabel("request rate (requests/s)")
             ax.set_ylabel(name)

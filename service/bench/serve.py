@@ -189,14 +189,14 @@ def sweep(target: str, work: Workload, rates: list[float], concurrency: int | No
 
 
 def table(report: dict) -> str:
-    head = (f"{'server':<34}{'rate':>6}{'req/s':>7}{'out tok/s':>10}{'TTFT p50':>9}{'p99':>8}"
+    head = (f"{'server':<40}{'rate':>6}{'req/s':>7}{'out tok/s':>10}{'TTFT p50':>9}{'p99':>8}"
             f"{'TPOT p50':>9}{'ITL p50':>8}{'p99':>8}{'E2E p50':>9}{'good/s':>7}")
     lines = [head]
     for server in report["servers"]:
         for run in server["runs"]:
             good = run.get("goodput", {}).get("request_throughput")
             ms = lambda k, q: f"{run[k][q]:.0f}" if run[k][q] is not None else "-"  # noqa: E731
-            lines.append(f"{server['label']:<34}{run['rate']:>6g}{run['request_throughput']:>7.2f}"
+            lines.append(f"{server['label']:<40}{run['rate']:>6g}{run['request_throughput']:>7.2f}"
                          f"{run['output_throughput']:>10.1f}{ms('ttft_ms', 'p50'):>9}{ms('ttft_ms', 'p99'):>8}"
                          f"{ms('tpot_ms', 'p50'):>9}{ms('itl_ms', 'p50'):>8}{ms('itl_ms', 'p99'):>8}"
                          f"{ms('e2e_ms', 'p50'):>9}{(f'{good:.2f}' if good is not None else '-'):>7}"
