@@ -13,6 +13,7 @@ start (a chunk that starts the sequence attends over its own new keys, with no g
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ class DecodeGroup:
     rows: torch.Tensor  # [b] flattened index of each single-token row
     slots: torch.Tensor  # [b, L] cache slots of each row's context, padded to the group's longest
     mask: torch.Tensor  # [b, 1, 1, L] True where the slot is part of the context
+    lens: torch.Tensor  # [b] context length of each row
 
 
 @dataclass
@@ -49,6 +51,7 @@ class StepAttention:
     decodes: list[DecodeGroup]
     prefills: list[PrefillSpan]
     max_context: int  # longest context any row attends over
+    fused_decode: Callable | None = None  # engine.paged_cpu's kernel: reads the cache in place
 
 
 def paged_attention_forward(
@@ -78,6 +81,11 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [T, H, D]
     out = torch.empty_like(q)
     for group in step.decodes:
+        if step.fused_decode is not None:
+            qd = q.index_select(0, group.rows)  # [b, H, D]
+            scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+            out.index_copy_(0, group.rows, step.fused_decode(qd, k_cache, v_cache, group.slots, group.lens, scale))
+            continue
         qd = q.index_select(0, group.rows).unsqueeze(2)  # [b, H, 1, D]
         kd, vd = (t.transpose(1, 2) for t in step.kv.gather(layer, group.slots))  # [b, KVH, L, D]
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scaling, enable_gqa=True)

@@ -25,6 +25,7 @@ from engine.sampling import SampleSpec
 # kernel launches cost what moving tens of thousands of slots does (a guess until measured).
 DECODE_GROUP_COST_SLOTS = {"cpu": 1024, "cuda": 16384}
 DEFAULT_GROUP_COST = 1024
+NO_GROUPING = 1 << 62  # the fused CPU kernel reads only each row's own slots: padding is free
 
 
 def placeholder(row: int) -> int:
@@ -139,7 +140,8 @@ def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAUL
     return HostBatch(flat, sections, total, groups, prefills, attended, bool((ids < 0).any()))
 
 
-def device_step(host: HostBatch, flat: torch.Tensor, kv: KVCache, prev_tokens: torch.Tensor | None) -> PreparedStep:
+def device_step(host: HostBatch, flat: torch.Tensor, kv: KVCache, prev_tokens: torch.Tensor | None,
+                fused_decode=None) -> PreparedStep:
     """Views of the device copy of `host.flat`, placeholders resolved, masks built."""
 
     def section(name: str) -> torch.Tensor:
@@ -158,7 +160,7 @@ def device_step(host: HostBatch, flat: torch.Tensor, kv: KVCache, prev_tokens: t
         ctx = decode_ctx[row : row + size]
         mask = (torch.arange(length, device=device)[None, :] < ctx[:, None])[:, None, None, :]
         slots = decode_slots[at : at + size * length].view(size, length)
-        decodes.append(DecodeGroup(decode_rows[row : row + size], slots, mask))
+        decodes.append(DecodeGroup(decode_rows[row : row + size], slots, mask, ctx))
         row, at = row + size, at + size * length
     prefill_slots = section("prefill_slots")
     spans, at = [], 0
@@ -175,6 +177,7 @@ def device_step(host: HostBatch, flat: torch.Tensor, kv: KVCache, prev_tokens: t
         decodes=decodes,
         prefills=spans,
         max_context=max([length for _, length in host.decode_groups] + [p[3] for p in host.prefills]),
+        fused_decode=fused_decode,
     )
     return PreparedStep(ids[None], section("positions")[None], attention, section("sample_rows"))
 

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine import faults
+from engine import faults, paged_cpu
 from engine.attention import STEP_KWARG
 from engine.batch import (
     DECODE_GROUP_COST_SLOTS,
     DEFAULT_GROUP_COST,
+    NO_GROUPING,
     HostBatch,
     PreparedStep,
     StepBatch,
@@ -102,7 +103,8 @@ class Executor:
         self.kv = kv
         self.device = device
         self.block_size = kv.layout.block_size
-        self.group_cost = DECODE_GROUP_COST_SLOTS.get(device.type, DEFAULT_GROUP_COST)
+        self.fused_decode = paged_cpu.decode_kernel() if device.type == "cpu" and kv.layout.dtype == torch.float32 else None
+        self.group_cost = NO_GROUPING if self.fused_decode else DECODE_GROUP_COST_SLOTS.get(device.type, DEFAULT_GROUP_COST)
         self.rng = np.random.default_rng(seed)
         self.stats = ExecutorStats()
         self._last_busy_end: float | None = None
@@ -148,7 +150,7 @@ class Executor:
         if self._fault is not None:
             self._fault.check(self._computed)
         with torch.inference_mode():
-            prepared = device_step(handle.host, flat, self.kv, prev_tokens)
+            prepared = device_step(handle.host, flat, self.kv, prev_tokens, self.fused_decode)
             logits = self.forward(prepared, prepared.sample_rows)
             if handle.sampling is not None:
                 if handle.sampling.has_placeholders:
@@ -196,4 +198,4 @@ class Executor:
     def prepare(self, batch: StepBatch) -> PreparedStep:
         """The step's device tensors (no placeholders); for tests and tools."""
         host = build_host_batch(batch, self.block_size, self.group_cost)
-        return device_step(host, torch.from_numpy(host.flat).to(self.device), self.kv, None)
+        return device_step(host, torch.from_numpy(host.flat).to(self.device), self.kv, None, self.fused_decode)

@@ -62,3 +62,29 @@ def test_ragged_batches_match_transformers(preset: str) -> None:
     parts = [("a", 25, 26), ("c", 30, 31), ("b", 42, 43)]
     got = _logits(ex, [row(n, dict(a=a, b=b, c=c)[n], s, e) for n, s, e in parts])
     check(got[:2], parts[:2])
+
+
+def test_fused_cpu_decode_kernel_equals_gather_and_sdpa() -> None:
+    import shutil
+
+    import torch.nn.functional as F
+
+    from engine.paged_cpu import decode_kernel
+
+    kernel = decode_kernel()
+    if kernel is None:
+        assert not (shutil.which("g++") and shutil.which("ninja")), "a compiler is here but the kernel did not build"
+        pytest.skip("no C++ toolchain: the gather + SDPA path serves")
+    gen = torch.Generator().manual_seed(0)
+    slots_total, kv_heads, heads, dim, rows = 4096, 2, 8, 32, 7
+    k = torch.randn(slots_total, kv_heads, dim, generator=gen)
+    v = torch.randn(slots_total, kv_heads, dim, generator=gen)
+    lens = torch.tensor([1, 5, 31, 32, 33, 100, 257])
+    width = int(lens.max()) + 3  # padded past the longest, as a batch's rows are
+    slots = torch.randint(0, slots_total, (rows, width), generator=gen)
+    q = torch.randn(rows, heads, dim, generator=gen)
+    got = kernel(q, k, v, slots, lens, dim**-0.5)
+    mask = (torch.arange(width)[None] < lens[:, None])[:, None, None, :]
+    want = F.scaled_dot_product_attention(q.unsqueeze(2), k[slots].transpose(1, 2), v[slots].transpose(1, 2),
+                                          attn_mask=mask, enable_gqa=True, scale=dim**-0.5).squeeze(2)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
