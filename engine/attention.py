@@ -84,7 +84,9 @@ def paged_attention_forward(
         if step.fused_decode is not None:
             qd = q.index_select(0, group.rows)  # [b, H, D]
             scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-            out.index_copy_(0, group.rows, step.fused_decode(qd, k_cache, v_cache, group.slots, group.lens, scale))
+            with torch.profiler.record_function("tandem::paged_decode"):  # visible to profilers
+                od = step.fused_decode(qd, k_cache, v_cache, group.slots, group.lens, scale)
+            out.index_copy_(0, group.rows, od)
             continue
         qd = q.index_select(0, group.rows).unsqueeze(2)  # [b, H, 1, D]
         kd, vd = (t.transpose(1, 2) for t in step.kv.gather(layer, group.slots))  # [b, KVH, L, D]

@@ -29,7 +29,7 @@ from service.bench.workloads import make  # noqa: E402
 GROUPS = {
     "matmul (linear layers)": ("aten::mm", "aten::addmm", "aten::bmm"),
     "KV gather (index_select)": ("aten::index_select", "aten::index"),
-    "fused paged decode (C++)": ("tandem_paged_cpu_v3::paged_decode", "paged_decode"),
+    "fused paged decode (C++)": ("tandem::paged_decode",),
     "attention kernel (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                                 "aten::_scaled_dot_product_efficient_attention", "aten::_flash_attention_forward"),
     "KV write (index_copy_)": ("aten::index_copy_",),

@@ -202,13 +202,22 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
 
     report = bench_offline(args.model, args.workload, args.systems, args.peers, args.static_batch, args.device,
                            args.dtype, args.json, args.seed, args.requests, args.repeats, not args.no_tune,
-                           args.tune_requests, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                           args.tune_requests, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                           hf_grid=[_hf_setting(item) for item in args.hf_grid] or None)
     w = report["workload"]
     print(f"workload {w['name']}: {w['requests']} requests, {w['prompt_tokens']} prompt tokens, "
           f"{w['output_tokens']} output tokens; {report['environment']}")
     print(table(report))
     _plots(report, args.plots)
     return 0
+
+
+def _hf_setting(item: str) -> dict:
+    """`TOKENS:REQUESTS` -> generate_batch's max_batch_tokens and max_requests_per_batch."""
+    tokens, sep, reqs = item.partition(":")
+    if not (sep and tokens.isdigit() and reqs.isdigit()):
+        raise ValueError(f"--hf-grid: expected MAX_BATCH_TOKENS:MAX_REQUESTS_PER_BATCH, got {item!r}")
+    return dict(max_batch_tokens=int(tokens), max_requests_per_batch=int(reqs))
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -312,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--tune-requests", type=int, default=None,
                          help="tune generate_batch on the workload's first N requests, then run the best on all "
                               "(default: every setting runs the whole workload and the best is the result)")
+    offline.add_argument("--hf-grid", nargs="*", default=[], metavar="TOKENS:REQUESTS",
+                         help="generate_batch settings to tune over (default: its defaults, 512 and 2048 x 16 and 32)")
     offline.add_argument("--device", default=None)
     offline.add_argument("--dtype", default=None)
     offline.add_argument("--json", default=None, help="write every figure and the environment here")

@@ -86,13 +86,14 @@ def test_bench_serve_rejects_a_bad_goodput_flag() -> None:
 
 
 def test_tuned_generate_batch_reports_its_best_whole_workload_trial() -> None:
-    from service.bench.offline import HF_GRID, bench_offline
+    from service.bench.offline import bench_offline
 
+    grid = [{}, dict(max_batch_tokens=64, max_requests_per_batch=2)]
     report = bench_offline("tiny-llama", "offline-small", systems=[], peers=["hf-fifo"], static_batches=[],
-                           device="cpu", dtype_name=None, json_path=None, progress=lambda msg: None)
+                           device="cpu", dtype_name=None, json_path=None, progress=lambda msg: None, hf_grid=grid)
     [row] = report["results"]
     trials = report["hf_tuning"]["fifo"]
-    assert len(trials) == len(HF_GRID) and all(t["error"] is None for t in trials)
+    assert len(trials) == len(grid) and all(t["error"] is None for t in trials)
     assert row["system"] == "transformers generate_batch fifo"
     assert row["tokens_per_s"] == max(t["tokens_per_s"] for t in trials)
     assert row["output_tokens"] == report["workload"]["output_tokens"]

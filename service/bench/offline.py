@@ -182,7 +182,7 @@ def environment(model: str, device: str, dtype) -> dict:
 def bench_offline(model: str, workload: str, systems: list[str], peers: list[str], static_batches: list[int],
                   device: str | None, dtype_name: str | None, json_path: str | None, seed: int = 0,
                   requests: int | None = None, repeats: int = 1, tune: bool = True, tune_requests: int | None = None,
-                  progress=print) -> dict:
+                  progress=print, hf_grid: list[dict] | None = None) -> dict:
     from engine.model_loader import default_device, resolve_dtype, resolve_path
 
     dev = device or str(default_device())
@@ -211,7 +211,7 @@ def bench_offline(model: str, workload: str, systems: list[str], peers: list[str
         use_async = peer.startswith("hf-async")
         if tune and not use_async:
             progress(f"tuning transformers generate_batch {sched} on {tune_requests or 'all'} requests ...")
-            best, trials = tune_hf(hf, work, sched, HF_GRID, tune_requests)
+            best, trials = tune_hf(hf, work, sched, hf_grid or HF_GRID, tune_requests)
             tuning[sched] = [asdict(t) for t in trials]
             if tune_requests is None:  # the best trial ran the whole workload: it is the result
                 best.system = f"transformers generate_batch {sched}"
