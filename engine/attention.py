@@ -38,7 +38,7 @@ class PrefillSpan:
 class DecodeGroup:
     rows: torch.Tensor  # [b] flattened index of each single-token row
     slots: torch.Tensor  # [b, L] cache slots of each row's context, padded to the group's longest
-    mask: torch.Tensor  # [b, 1, 1, L] True where the slot is part of the context
+    mask: torch.Tensor | None  # [b, 1, 1, L] True where the slot is part of the context (SDPA path)
     lens: torch.Tensor  # [b] context length of each row
 
 

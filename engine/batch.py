@@ -36,6 +36,8 @@ def decode_group_sizes(lengths: np.ndarray, cost: int = DEFAULT_GROUP_COST) -> l
     """Split lengths sorted longest first into consecutive groups, each padded to its first
     (longest) member, minimizing padded slots + `cost` per group (exact, O(n^2) vectorized)."""
     n = len(lengths)
+    if cost >= NO_GROUPING or n <= 1:  # padding is free (fused kernel): skip the per-step DP
+        return [n] if n else []
     best = np.zeros(n + 1)
     cut = np.zeros(n + 1, dtype=np.int64)
     base = -np.arange(n) * lengths  # best[j] - j * l[j] + i * l[j] = cost of rows j..i-1 padded to l[j]
@@ -158,7 +160,9 @@ def device_step(host: HostBatch, flat: torch.Tensor, kv: KVCache, prev_tokens: t
     decodes, row, at = [], 0, 0
     for size, length in host.decode_groups:
         ctx = decode_ctx[row : row + size]
-        mask = (torch.arange(length, device=device)[None, :] < ctx[:, None])[:, None, None, :]
+        mask = None  # the fused kernel reads each row's length; SDPA needs the padding masked
+        if fused_decode is None:
+            mask = (torch.arange(length, device=device)[None, :] < ctx[:, None])[:, None, None, :]
         slots = decode_slots[at : at + size * length].view(size, length)
         decodes.append(DecodeGroup(decode_rows[row : row + size], slots, mask, ctx))
         row, at = row + size, at + size * length
