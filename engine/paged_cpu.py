@@ -52,11 +52,17 @@ static void attend_row(const float* q, const float* kp, const float* vp, const i
   float *s = w.s.data(), *acc = w.acc.data(), *m = w.m.data(), *l = w.l.data(), *corr = w.corr.data();
   std::fill(acc, acc + H * D, 0.f);
   std::fill(l, l + H, 0.f);
+  for (int64_t j = 0; j < std::min(AHEAD, n); ++j) {
+    prefetch(kp + row[j] * W, W);
+    prefetch(vp + row[j] * W, W);
+  }
   for (int64_t t0 = 0; t0 < n; t0 += C) {
     const int64_t c = std::min(C, n - t0);
     for (int64_t j = 0; j < c; ++j) {  // scores: every head against key j
-      if (t0 + j + AHEAD < n) prefetch(kp + row[t0 + j + AHEAD] * W, W);
-      prefetch(vp + row[t0 + j] * W, W);  // read after this chunk's scores
+      if (t0 + j + AHEAD < n) {
+        prefetch(kp + row[t0 + j + AHEAD] * W, W);
+        prefetch(vp + row[t0 + j + AHEAD] * W, W);  // read after this chunk's scores
+      }
       const float* ks = kp + row[t0 + j] * W;
       for (int64_t h = 0; h < H; ++h) {
         const float* qr = q + h * D;
@@ -154,7 +160,7 @@ def decode_kernel() -> Callable | None:
         from torch.utils.cpp_extension import load_inline
 
         # -ffast-math lets g++ vectorize exp (libmvec); the kernel never forms an inf or a NaN
-        module = load_inline(f"tandem_paged_cpu_v4_{_cpu_tag()}", cpp_sources=_SOURCE, functions=["paged_decode"],
+        module = load_inline(f"tandem_paged_cpu_v5_{_cpu_tag()}", cpp_sources=_SOURCE, functions=["paged_decode"],
                              extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffast-math"],
                              extra_ldflags=["-fopenmp"])
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja...: the portable path serves

@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--model", default="bench-llama")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warm-decode-steps", type=int, default=40)
+    p.add_argument("--top", type=int, default=0, help="also list the N costliest ops outside the groups")
     args = p.parse_args()
     core, loaded = build_core(EngineConfig(model=args.model), load_scheduler("fcfs"))
     work = make("offline", loaded.vocab_size, requests=64)
@@ -67,6 +68,10 @@ def main() -> None:
         print(f"  {name:<28}{t / 1e3 / args.steps:8.1f} ms/step {t / total:6.1%}")
     rest = total - sum(totals.get(op, 0) for ops in GROUPS.values() for op in ops)
     print(f"  {'everything else':<28}{rest / 1e3 / args.steps:8.1f} ms/step {rest / total:6.1%}")
+    grouped = {op for ops in GROUPS.values() for op in ops}
+    others = sorted(((t, k) for k, t in totals.items() if k not in grouped), reverse=True)[: args.top]
+    for t, name in others:
+        print(f"    {name:<40}{t / 1e3 / args.steps:8.2f} ms/step")
     text = loaded.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * loaded.dtype.itemsize
