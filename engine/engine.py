@@ -20,6 +20,7 @@ from engine.executor_worker import WorkerExecutor
 from engine.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
 from engine.model_loader import LoadedModel, load_model
 from engine.scheduling import Scheduler
+from engine.threads import on_fresh_thread
 from engine.request import (
     Completion,
     GenerationRequest,
@@ -110,7 +111,7 @@ class Engine:
         if not isinstance(scheduler, Scheduler):
             raise TypeError(f"scheduler must be a Scheduler instance, got {scheduler!r}")
         self.config = replace(config or EngineConfig(), **overrides)
-        self.core, self.model = build_core(self.config, scheduler)
+        self.core, self.model = on_fresh_thread(build_core, self.config, scheduler)  # see engine.threads
         self.tokenizer = self.model.tokenizer
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}

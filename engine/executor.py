@@ -103,13 +103,19 @@ class Executor:
         self.kv = kv
         self.device = device
         self.block_size = kv.layout.block_size
-        self.fused_decode = paged_cpu.decode_kernel() if device.type == "cpu" and kv.layout.dtype == torch.float32 else None
+        self.fused_decode = paged_cpu.decode_kernel() if self._fused_fits(model, kv, device) else None
         self.group_cost = NO_GROUPING if self.fused_decode else DECODE_GROUP_COST_SLOTS.get(device.type, DEFAULT_GROUP_COST)
         self.rng = np.random.default_rng(seed)
         self.stats = ExecutorStats()
         self._last_busy_end: float | None = None
         self._fault = faults.from_env()
         self._computed = 0
+
+    @staticmethod
+    def _fused_fits(model: torch.nn.Module, kv: KVCache, device: torch.device) -> bool:
+        heads = model.config.get_text_config().num_attention_heads
+        return (device.type == "cpu" and kv.layout.dtype == torch.float32
+                and paged_cpu.supports(heads, kv.layout.num_kv_heads, kv.layout.head_dim))
 
     # -- the launch / collect interface ----------------------------------------------------
     def launch(self, batch: StepBatch, prev: StepHandle | None = None) -> StepHandle:

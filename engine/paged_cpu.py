@@ -151,6 +151,13 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
 """
 
 
+MAX_GROUP_DIMS = 4096  # MAX_GD in the kernel: query heads per KV head x head dim
+
+
+def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    return num_heads % num_kv_heads == 0 and num_heads // num_kv_heads * head_dim <= MAX_GROUP_DIMS
+
+
 @functools.cache
 def decode_kernel() -> Callable | None:
     """The compiled kernel, or None (disabled, or it cannot be built here)."""

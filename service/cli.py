@@ -225,7 +225,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     rates = [float(r) for r in args.rate]  # a bad rate is a ValueError: main() reports it, exit 2
     report = bench_serve(args.workload, rates, args.concurrency, args.target, args.model, tuple(args.schedulers),
-                         args.requests, args.seed, args.goodput, args.json)
+                         args.requests, args.seed, args.goodput, args.json, offline_baseline=args.offline_baseline)
     print(f"workload {args.workload}; {report['environment']}")
     print(table(report))
     _plots(report, args.plots)
@@ -340,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_b.add_argument("--concurrency", type=int, default=None, help="at most this many requests in flight")
     serve_b.add_argument("--goodput", nargs="*", default=[], metavar="ttft:MS|tpot:MS",
                          help="SLOs; goodput counts requests meeting all of them")
+    serve_b.add_argument("--offline-baseline", action="store_true",
+                         help="after each local server, run the same workload in-process; report gRPC / offline")
     serve_b.add_argument("--seed", type=int, default=0)
     serve_b.add_argument("--json", default=None, help="write every figure, per-request latencies and the environment")
     serve_b.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")

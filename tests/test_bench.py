@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from service.bench.workloads import NAMES, make
 
 BIN = Path(sys.executable).parent
@@ -65,7 +67,7 @@ def test_bench_serve_sweep_against_local_server(tmp_path) -> None:
     out, plots = tmp_path / "serve.json", tmp_path / "plots"
     res = subprocess.run([str(BIN / "tandem"), "bench", "serve", "--model", "tiny-llama", "--workload", "offline-small",
                           "--rate", "20", "inf", "--concurrency", "3", "--goodput", "ttft:60000", "tpot:60000", "--json", str(out),
-                          "--plots", str(plots)], capture_output=True, text=True, timeout=600)
+                          "--plots", str(plots), "--offline-baseline"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
     [server] = report["servers"]
@@ -75,8 +77,16 @@ def test_bench_serve_sweep_against_local_server(tmp_path) -> None:
         assert sum(r["output_tokens"] for r in run["records"]) == server["workload"]["output_tokens"]
         assert 0 < run["ttft_ms"]["p50"] <= run["ttft_ms"]["p99"] <= run["e2e_ms"]["p99"]
         assert run["goodput"]["request_throughput"] == run["request_throughput"]  # SLOs no request can miss
+        assert run["of_offline"] == pytest.approx(run["output_throughput"] / server["offline"]["output_throughput"])
+    assert "/offline" in res.stdout
     assert (plots / "serve_offline-small_latency_cdf.png").read_bytes().startswith(b"\x89PNG")
     assert (plots / "serve_offline-small_vs_rate.png").exists() is False  # one finite rate: no curve to draw
+
+
+def test_bench_serve_offline_baseline_needs_local_servers() -> None:
+    res = subprocess.run([str(BIN / "tandem"), "bench", "serve", "--target", "127.0.0.1:1", "--offline-baseline"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--offline-baseline" in res.stderr
 
 
 def test_bench_serve_rejects_a_bad_goodput_flag() -> None:

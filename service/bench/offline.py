@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from engine import Engine, EngineConfig, SamplingParams, StoppingCriteria
+from engine.threads import on_fresh_thread
 from service.bench.progress import Progress
 from service.bench.workloads import Workload, make
 from schedulers import load_scheduler
@@ -44,7 +45,7 @@ def run_tandem(spec: str, model: str, work: Workload, device: str | None, dtype:
         stops = [StoppingCriteria(max_new_tokens=n, ignore_eos=True) for n in work.output_lens]
         engine.generate(work.prompts[:1], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=2))
         model_ = engine.model.model
-        roofline_at = lambda b: rooflines.setdefault(b, matmul_roofline(model_, b))  # noqa: E731
+        roofline_at = lambda b: rooflines.setdefault(b, on_fresh_thread(matmul_roofline, model_, b))  # noqa: E731
         roofline_at(config.max_num_seqs)  # measured before the run, on the same machine
         stats = engine.core.executor.stats
         busy, idle = stats.busy_seconds, stats.idle_seconds
@@ -200,18 +201,18 @@ def bench_offline(model: str, workload: str, systems: list[str], peers: list[str
             results[-1].extra["repeat"] = rep
             gc.collect()
     tuning: dict[str, list[dict]] = {}
-    hf = _hf_model(path, dev, dtype) if peers else None
+    hf = on_fresh_thread(_hf_model, path, dev, dtype) if peers else None
     for peer in peers:
         if peer == "hf-static":
             for size in static_batches:
                 progress(f"transformers static generate, batch {size} ...")
-                results.append(run_hf_static(hf, work, size))
+                results.append(on_fresh_thread(run_hf_static, hf, work, size))
             continue
         sched = "prefill_first" if peer.endswith("prefill-first") else "fifo"
         use_async = peer.startswith("hf-async")
         if tune and not use_async:
             progress(f"tuning transformers generate_batch {sched} on {tune_requests or 'all'} requests ...")
-            best, trials = tune_hf(hf, work, sched, hf_grid or HF_GRID, tune_requests)
+            best, trials = on_fresh_thread(tune_hf, hf, work, sched, hf_grid or HF_GRID, tune_requests)
             tuning[sched] = [asdict(t) for t in trials]
             if tune_requests is None:  # the best trial ran the whole workload: it is the result
                 best.system = f"transformers generate_batch {sched}"
@@ -221,7 +222,7 @@ def bench_offline(model: str, workload: str, systems: list[str], peers: list[str
         else:
             settings = {}
         progress(f"{peer} {settings or 'defaults'} ...")
-        results.append(run_hf_generate_batch(hf, work, sched, use_async, settings))
+        results.append(on_fresh_thread(run_hf_generate_batch, hf, work, sched, use_async, settings))
         gc.collect()
     report = dict(
         kind="offline",

@@ -190,18 +190,29 @@ def sweep(target: str, work: Workload, rates: list[float], concurrency: int | No
 
 def table(report: dict) -> str:
     head = (f"{'server':<40}{'rate':>6}{'req/s':>7}{'out tok/s':>10}{'TTFT p50':>9}{'p99':>8}"
-            f"{'TPOT p50':>9}{'ITL p50':>8}{'p99':>8}{'E2E p50':>9}{'good/s':>7}")
+            f"{'TPOT p50':>9}{'ITL p50':>8}{'p99':>8}{'E2E p50':>9}{'good/s':>7}{'/offline':>9}")
     lines = [head]
     for server in report["servers"]:
         for run in server["runs"]:
             good = run.get("goodput", {}).get("request_throughput")
+            ratio = run.get("of_offline")
             ms = lambda k, q: f"{run[k][q]:.0f}" if run[k][q] is not None else "-"  # noqa: E731
             lines.append(f"{server['label']:<40}{run['rate']:>6g}{run['request_throughput']:>7.2f}"
                          f"{run['output_throughput']:>10.1f}{ms('ttft_ms', 'p50'):>9}{ms('ttft_ms', 'p99'):>8}"
                          f"{ms('tpot_ms', 'p50'):>9}{ms('itl_ms', 'p50'):>8}{ms('itl_ms', 'p99'):>8}"
                          f"{ms('e2e_ms', 'p50'):>9}{(f'{good:.2f}' if good is not None else '-'):>7}"
+                         f"{(f'{ratio:.3f}' if ratio is not None else '-'):>9}"
                          + (f"  errors {run['errors']}" if run["errors"] else ""))
     return "\n".join(lines)
+
+
+def _add_offline_baseline(server: dict, scheduler: str, model: str, work: Workload) -> None:
+    from service.bench.offline import run_tandem
+
+    result = run_tandem(scheduler, model, work, None, None, {})
+    server["offline"] = dict(output_throughput=result.tokens_per_s, seconds=result.seconds)
+    for run in server["runs"]:
+        run["of_offline"] = run["output_throughput"] / result.tokens_per_s
 
 
 def parse_goodput(items: list[str]) -> tuple[float | None, float | None]:
@@ -218,8 +229,10 @@ def parse_goodput(items: list[str]) -> tuple[float | None, float | None]:
 def bench_serve(workload: str, rates: list[float], concurrency: int | None, target: str | None = None,
                 model: str = "bench-llama", schedulers: tuple[str, ...] = ("fcfs",), requests: int | None = None,
                 seed: int = 0, goodput: list[str] | None = None, json_path: str | None = None,
-                server_args: list[str] | None = None) -> dict:
-    """Against `target`, or against a local `tandem serve` per scheduler, one after the other."""
+                server_args: list[str] | None = None, offline_baseline: bool = False) -> dict:
+    """Against `target`, or against a local `tandem serve` per scheduler, one after the other.
+    `offline_baseline` (local servers only): after each server stops, the same workload runs
+    through the engine in this process, and every run reports its throughput as a fraction of it."""
     import json
 
     from service.bench.offline import environment
@@ -228,20 +241,25 @@ def bench_serve(workload: str, rates: list[float], concurrency: int | None, targ
     slo_ttft, slo_tpot = parse_goodput(goodput or [])
     servers = []
 
-    def measure(addr: str, label: str) -> None:
+    def measure(addr: str, label: str) -> Workload:
         info, vocab = server_info(addr)
         work = make(workload, vocab, seed, requests)
         runs = sweep(addr, work, rates, concurrency, seed, slo_ttft, slo_tpot, label)
         servers.append(dict(label=label, target=addr, info=info, runs=runs,
                             workload=dict(name=work.name, requests=len(work.prompts),
                                           prompt_tokens=work.prompt_tokens, output_tokens=work.output_tokens)))
+        return work
 
     if target:
+        if offline_baseline:
+            raise ValueError("--offline-baseline runs the local servers' model in-process: leave out --target")
         measure(target, target)
     else:
         for scheduler in schedulers:
             with LocalServer(model, scheduler, server_args) as server:
-                measure(server.target, f"tandem {scheduler}")
+                work = measure(server.target, f"tandem {scheduler}")
+            if offline_baseline:  # the server has stopped: the two never share the CPU
+                _add_offline_baseline(servers[-1], scheduler, model, work)
     report = dict(kind="serve", workload=workload, seed=seed, rates=rates, concurrency=concurrency,
                   environment=environment(servers[0]["info"]["model"], servers[0]["info"]["device"],
                                           servers[0]["info"]["dtype"]),
