@@ -42,11 +42,14 @@ def run_tandem(spec: str, model: str, work: Workload, device: str | None, dtype:
     result = Result(f"tandem {spec}", dict(scheduler=name, **options))
     config = EngineConfig(model=model, device=device, dtype=dtype)
     with Engine(config, load_scheduler(name, options)) as engine:
+        model_ = engine.model.model
+        # NOTE: before the engine's first step, and on a thread that exits: a second live
+        # OpenMP team slows every GEMM (engine/threads.py); measured with one, the roofline
+        # read 12% low (192 vs 217 GFLOP/s) and flattered the fraction.
+        roofline_at = lambda b: rooflines.setdefault(b, on_fresh_thread(matmul_roofline, model_, b))  # noqa: E731
+        roofline_at(config.max_num_seqs)
         stops = [StoppingCriteria(max_new_tokens=n, ignore_eos=True) for n in work.output_lens]
         engine.generate(work.prompts[:1], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=2))
-        model_ = engine.model.model
-        roofline_at = lambda b: rooflines.setdefault(b, on_fresh_thread(matmul_roofline, model_, b))  # noqa: E731
-        roofline_at(config.max_num_seqs)  # measured before the run, on the same machine
         stats = engine.core.executor.stats
         busy, idle = stats.busy_seconds, stats.idle_seconds
         stats.trace = []
@@ -56,13 +59,13 @@ def run_tandem(spec: str, model: str, work: Workload, device: str | None, dtype:
         result.seconds = time.perf_counter() - start
         progress.close()
         busy, idle = stats.busy_seconds - busy, stats.idle_seconds - idle
-        result.device_idle_fraction = idle / (busy + idle) if busy + idle else None
-        result.settings.update(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens)
-        decode_batches = [t.decode_rows for t in stats.trace if t.decode_rows == t.tokens]
-        if decode_batches:
-            util = utilisation(stats.trace, model_flops(model_), roofline_at, max(decode_batches))
-            result.extra["utilisation"] = asdict(util) | dict(fraction=util.fraction)
-        result.extra["steps"] = len(stats.trace)
+    result.device_idle_fraction = idle / (busy + idle) if busy + idle else None
+    result.settings.update(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens)
+    decode_batches = [t.decode_rows for t in stats.trace if t.decode_rows == t.tokens]
+    if decode_batches:  # after the engine has stopped: a roofline measured now has the CPU alone
+        util = utilisation(stats.trace, model_flops(model_), roofline_at, max(decode_batches))
+        result.extra["utilisation"] = asdict(util) | dict(fraction=util.fraction)
+    result.extra["steps"] = len(stats.trace)
     result.output_tokens = sum(len(c.token_ids) for c in done)
     result.tokens_per_s = result.output_tokens / result.seconds
     return result
