@@ -1,8 +1,9 @@
 """tandem's engine: paged KV cache, executor, sampling, model loading and the offline Engine."""
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.errors import EngineDeadError, InvalidRequestError, TandemError, UnsupportedModelError
-from engine.request import (
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.engine import Engine
+from tandem.engine.errors import EngineDeadError, InvalidRequestError, TandemError, UnsupportedModelError
+from tandem.engine.request import (
     Completion,
     FinishReason,
     GenerationRequest,

@@ -1,9 +1,10 @@
 """Engine configuration, one dataclass."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.request import RequestLimits
+from tandem.engine.request import RequestLimits
 
 CPU_DEFAULT_KV_GB = 1.0
 

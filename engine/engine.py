@@ -1,27 +1,30 @@
 """The offline engine: the core on its own thread, with blocking, streaming and abort APIs."""
+
 from __future__ import annotations
 
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, fields, replace
 
 import structlog
 
-from engine.block_manager import BlockManager
-from engine.config import CPU_DEFAULT_KV_GB, EngineConfig
-from engine.core import EngineCore, SchedulerConfig
-from engine.errors import EngineDeadError, EngineHungError, InvalidRequestError
-from engine.executor import Executor
-from engine.executor_worker import WorkerExecutor
-from engine.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
-from engine.model_loader import LoadedModel, load_model
-from engine.scheduling import Scheduler
-from engine.threads import on_fresh_thread
-from engine.request import (
+from tandem.engine.config import CPU_DEFAULT_KV_GB, EngineConfig
+from tandem.engine.device.executor import Executor
+from tandem.engine.device.executor_worker import WorkerExecutor
+from tandem.engine.device.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
+from tandem.engine.errors import EngineDeadError, EngineHungError, InvalidRequestError
+from tandem.engine.host.block_manager import BlockManager
+from tandem.engine.host.core import EngineCore
+from tandem.engine.host.scheduling import Scheduler
+from tandem.engine.host.sequence import Sequence
+from tandem.engine.host.threads import on_fresh_thread
+from tandem.engine.model.loader import LoadedModel, load_model
+from tandem.engine.request import (
     Completion,
     GenerationRequest,
     ModelLimits,
@@ -35,9 +38,9 @@ log = structlog.get_logger("tandem.engine")
 THROUGHPUT_WINDOW_S = 10.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Load:
-    """What a load balancer needs; read from another thread, so only a snapshot."""
+    """What a load balancer needs (the fields of tandem.v1's GetLoadResponse)."""
 
     waiting: int
     running: int
@@ -46,8 +49,33 @@ class Load:
     kv_blocks_free: int
     kv_blocks_total: int
     output_tokens_per_second: float
+
+
+@dataclass(frozen=True)
+class EngineStats(Load):
+    """Load plus the engine's counters since start, for metrics. A snapshot: the engine thread
+    publishes one after each step and each batch of commands, and other threads read only it."""
+
+    steps: int = 0
+    step_tokens: int = 0  # tokens computed in steps
+    device_busy_seconds: float = 0.0
+    device_idle_seconds: float = 0.0  # gaps between busy periods while work was pending
+    host_prepare_seconds: float = 0.0
+    preemptions: int = 0
+    prefix_cache_hit_rate: float = 0.0
+
+    @property
+    def device_idle_fraction(self) -> float:
+        total = self.device_busy_seconds + self.device_idle_seconds
+        return self.device_idle_seconds / total if total else 0.0
+
+
 Sink = Callable[[RequestOutput | BaseException], None]
-_STOP = object()
+Command = tuple[str, "Sequence | str | None"]  # ("add", seq), ("abort", request id), ("stop", None)
+
+
+class _Stopped(Exception):
+    """The loop took the stop command."""
 
 
 def make_executor(loaded: LoadedModel, kv: KVCache, seed: int, overlap: bool) -> Executor:
@@ -55,7 +83,7 @@ def make_executor(loaded: LoadedModel, kv: KVCache, seed: int, overlap: bool) ->
     if not overlap:
         return Executor(loaded.model, kv, loaded.device, seed)
     if loaded.device.type == "cuda":
-        from engine.executor_cuda import CudaExecutor
+        from tandem.engine.device.executor_cuda import CudaExecutor
 
         return CudaExecutor(loaded.model, kv, loaded.device, seed)
     return WorkerExecutor(loaded.model, kv, loaded.device, seed)
@@ -78,7 +106,7 @@ def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, 
     # More than every slot filled to the context length can never be used.
     num_blocks = config.kv_blocks or num_blocks_for(layout, budget, config.max_num_seqs * loaded.max_model_len)
     kv = KVCache(layout, num_blocks, loaded.device)
-    executor = make_executor(loaded, kv, config.seed, overlap=bool(getattr(scheduler, "overlap", False)))
+    executor = make_executor(loaded, kv, config.seed, overlap=scheduler.overlap)
     blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     limits = ModelLimits(loaded.vocab_size, loaded.max_model_len, kv.capacity_tokens, requests=config.limits)
     core = EngineCore(
@@ -88,7 +116,7 @@ def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, 
         limits,
         loaded.eos_token_ids,
         scheduler,
-        SchedulerConfig(config.max_batch_tokens, config.max_num_seqs),
+        config,
     )
     log.info(
         "engine_ready",
@@ -111,15 +139,18 @@ class Engine:
         if not isinstance(scheduler, Scheduler):
             raise TypeError(f"scheduler must be a Scheduler instance, got {scheduler!r}")
         self.config = replace(config or EngineConfig(), **overrides)
-        self.core, self.model = on_fresh_thread(build_core, self.config, scheduler)  # see engine.threads
+        self.core, self.model = on_fresh_thread(build_core, self.config, scheduler)  # see tandem.engine.host.threads
         self.tokenizer = self.model.tokenizer
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.scheduler_name = scheduler.name or type(scheduler).__name__
+        self.scheduler_options = {k: str(v) for k, v in scheduler.options.items()}
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (time, output tokens) per step
         self._step_started: float | None = None  # set while core.step() runs (watchdog)
-        self._queued = 0  # submitted, not yet seen by the loop
+        self._queued = 0  # submitted, not yet in a published snapshot
+        self._snapshot = self._counters()
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
         if self.config.step_timeout_s is not None:
@@ -131,7 +162,7 @@ class Engine:
         engine thread. Raises InvalidRequestError at once for a bad request."""
         return self._submit(self.core.make_sequence(request), sink)
 
-    def _submit(self, seq, sink: Sink) -> str:
+    def _submit(self, seq: Sequence, sink: Sink) -> str:
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError("the engine has failed") from self._dead
@@ -179,7 +210,11 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         pending = _Coalescer()
-        request_id = self.submit(request, lambda out: loop.call_soon_threadsafe(pending.put, out))
+
+        def sink(out: RequestOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(pending.put, out)
+
+        request_id = self.submit(request, sink)
         done = False
         try:
             while not done:
@@ -201,27 +236,27 @@ class Engine:
     def num_waiting(self) -> int:
         """Requests not yet admitted, including those submitted since the loop last looked:
         a burst that arrives within one step is counted in full."""
-        return len(self.core.waiting) + self._queued
+        with self._lock:
+            return self._snapshot.waiting + self._queued
 
-    def load(self) -> Load:
-        blocks = self.core.blocks
+    def stats(self) -> EngineStats:
+        """A consistent snapshot, safe from any thread."""
         now = time.monotonic()
         with self._lock:
             tokens = sum(n for t, n in self._recent if t >= now - THROUGHPUT_WINDOW_S)
-        return Load(
-            waiting=self.num_waiting,
-            running=len(self.core.running),
-            kv_blocks_used=blocks.num_used,
-            kv_blocks_cached=blocks.num_cached,
-            kv_blocks_free=blocks.num_free,
-            kv_blocks_total=blocks.num_blocks,
-            output_tokens_per_second=tokens / THROUGHPUT_WINDOW_S,
-        )
+            snap = self._snapshot
+            return replace(
+                snap, waiting=snap.waiting + self._queued, output_tokens_per_second=tokens / THROUGHPUT_WINDOW_S
+            )
+
+    def load(self) -> Load:
+        s = self.stats()
+        return Load(**{f.name: getattr(s, f.name) for f in fields(Load)})
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the loop; with a timeout, a wedged engine thread is left behind (it is a
         daemon) rather than joined forever."""
-        self._commands.put((_STOP, None))
+        self._commands.put(("stop", None))
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("engine_thread_wedged", timeout_seconds=timeout)
@@ -237,38 +272,43 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            taken = 0
             try:
                 if not self.core.has_work():
                     self.core.executor.pause()
-                if not self._apply(self._commands.get(block=not self.core.has_work())):
-                    return
+                taken += self._apply(self._commands.get(block=not self.core.has_work()))
                 while True:
-                    if not self._apply(self._commands.get_nowait()):
-                        return
+                    taken += self._apply(self._commands.get_nowait())
             except queue.Empty:
                 pass
+            except _Stopped:
+                return
             except BaseException as exc:  # noqa: BLE001 - every request must hear of it
                 self._fail(exc)
                 return
-            if self.core.has_work():
-                self._step_started = time.monotonic()
-                try:
-                    outputs = self.core.step()
-                except BaseException as exc:  # noqa: BLE001 - every request must hear of it
-                    self._fail(exc)
-                    return
-                finally:
-                    self._step_started = None
-                if self._dead is not None:  # the watchdog gave up on this step meanwhile
-                    return
-                self._count(outputs)
-                for out in outputs:
-                    self._deliver(out)
+            if not self.core.has_work():
+                self._publish(taken)
+                continue
+            self._step_started = time.monotonic()
+            try:
+                outputs = self.core.step()
+            except BaseException as exc:  # noqa: BLE001 - every request must hear of it
+                self._fail(exc)
+                return
+            finally:
+                self._step_started = None
+            if self._dead is not None:  # the watchdog gave up on this step meanwhile
+                return
+            self._count(outputs)
+            self._publish(taken)
+            for out in outputs:
+                self._deliver(out)
 
     def _watchdog(self) -> None:
         """Fail every request if one step runs past step_timeout_s: a wedged device or kernel
         must end streams with a status, not leave them hanging."""
         timeout = self.config.step_timeout_s
+        assert timeout is not None, "started only with a step timeout"
         while self._dead is None:
             time.sleep(min(1.0, timeout / 4))
             started = self._step_started
@@ -283,22 +323,53 @@ class Engine:
             while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
                 self._recent.popleft()
 
-    def _apply(self, command) -> bool:
+    def _counters(self) -> EngineStats:
+        core, blocks, ex = self.core, self.core.blocks, self.core.executor.stats
+        return EngineStats(
+            waiting=len(core.waiting),
+            running=len(core.running),
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_cached=blocks.num_cached,
+            kv_blocks_free=blocks.num_free,
+            kv_blocks_total=blocks.num_blocks,
+            output_tokens_per_second=0.0,  # filled in by stats()
+            steps=ex.steps,
+            step_tokens=ex.tokens,
+            device_busy_seconds=ex.busy_seconds,
+            device_idle_seconds=ex.idle_seconds,
+            host_prepare_seconds=ex.prepare_seconds,
+            preemptions=core.num_preemptions,
+            prefix_cache_hit_rate=blocks.stats.hit_rate,
+        )
+
+    def _publish(self, taken: int) -> None:
+        """A new snapshot; the `taken` requests it now counts as waiting leave `_queued` at
+        the same moment, so none is ever counted twice or not at all."""
+        snapshot = self._counters()
+        with self._lock:
+            self._snapshot = snapshot
+            self._queued -= taken
+
+    def _apply(self, command: Command) -> int:
+        """Carry out one command; returns how many requests it added to the core."""
         kind, arg = command
-        if kind is _STOP:
+        if kind == "stop":
             self._fail(EngineDeadError("the engine was shut down"))
-            return False
+            raise _Stopped
         if kind == "add":
+            assert isinstance(arg, Sequence)
             try:
                 self.core.add(arg)
-            finally:
+            except BaseException:
                 with self._lock:
                     self._queued -= 1
-        else:
-            out = self.core.abort(arg)
-            if out is not None:
-                self._deliver(out)
-        return True
+                raise
+            return 1
+        assert isinstance(arg, str)
+        out = self.core.abort(arg)
+        if out is not None:
+            self._deliver(out)
+        return 0
 
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:
@@ -361,6 +432,7 @@ class _Coalescer:
         await self._ready.wait()
         self._ready.clear()
         out, self._out = self._out, None
+        assert out is not None, "the event is set only with an output waiting"
         return out
 
 
@@ -389,6 +461,7 @@ class _Collector:
         if self._error is not None:
             raise self._error
         last = self._parts[-1]
+        assert last.finish_reason is not None, "the last output of a request is its finish"
         lps = [lp for p in self._parts for lp in (p.logprobs or [])] if last.logprobs is not None else None
         return Completion(
             request_id=last.request_id,

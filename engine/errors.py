@@ -1,4 +1,5 @@
 """Typed errors. Each names what was wrong so the service layer can map it to a status."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """What a caller asks for (GenerationRequest) and what it gets back (RequestOutput, Completion)."""
+
 from __future__ import annotations
 
 import enum
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.errors import InvalidRequestError
+from tandem.engine.errors import InvalidRequestError
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -170,8 +171,9 @@ def validate_sampling(s: SamplingParams, limits: ModelLimits) -> None:
         if not -2 <= value <= 2:
             raise InvalidRequestError(f"sampling.{name}", f"must be in [-2, 2], got {value}")
     if len(s.logit_bias) > limits.requests.max_logit_bias:
-        raise InvalidRequestError("sampling.logit_bias",
-                                  f"{len(s.logit_bias)} entries, over the limit of {limits.requests.max_logit_bias}")
+        raise InvalidRequestError(
+            "sampling.logit_bias", f"{len(s.logit_bias)} entries, over the limit of {limits.requests.max_logit_bias}"
+        )
     for token, bias in s.logit_bias.items():
         _token_id(token, "sampling.logit_bias", limits.vocab_size)
         _finite(bias, f"sampling.logit_bias[{token}]")
@@ -192,23 +194,27 @@ def validate_stopping(s: StoppingCriteria, limits: ModelLimits, prompt_len: int)
         )
     req = limits.requests
     if req.max_new_tokens is not None and s.max_new_tokens > req.max_new_tokens:
-        raise InvalidRequestError("stopping.max_new_tokens",
-                                  f"{s.max_new_tokens} is over this server's limit of {req.max_new_tokens}")
+        raise InvalidRequestError(
+            "stopping.max_new_tokens", f"{s.max_new_tokens} is over this server's limit of {req.max_new_tokens}"
+        )
     if len(s.stop_token_ids) > req.max_stop_token_ids:
-        raise InvalidRequestError("stopping.stop_token_ids",
-                                  f"{len(s.stop_token_ids)} entries, over the limit of {req.max_stop_token_ids}")
+        raise InvalidRequestError(
+            "stopping.stop_token_ids", f"{len(s.stop_token_ids)} entries, over the limit of {req.max_stop_token_ids}"
+        )
     for token in s.stop_token_ids:
         _token_id(token, "stopping.stop_token_ids", limits.vocab_size)
     if len(s.stop_strings) > req.max_stop_strings:
-        raise InvalidRequestError("stopping.stop_strings",
-                                  f"{len(s.stop_strings)} entries, over the limit of {req.max_stop_strings}")
+        raise InvalidRequestError(
+            "stopping.stop_strings", f"{len(s.stop_strings)} entries, over the limit of {req.max_stop_strings}"
+        )
     for text in s.stop_strings:
         if not isinstance(text, str) or not text:
             raise InvalidRequestError("stopping.stop_strings", f"stop strings must be non-empty text, got {text!r}")
         if len(text) > req.max_stop_string_chars:
-            raise InvalidRequestError("stopping.stop_strings",
-                                      f"a stop string of {len(text)} characters, over the limit of "
-                                      f"{req.max_stop_string_chars}")
+            raise InvalidRequestError(
+                "stopping.stop_strings",
+                f"a stop string of {len(text)} characters, over the limit of {req.max_stop_string_chars}",
+            )
     total = prompt_len + s.max_new_tokens
     if total > limits.max_model_len:
         raise InvalidRequestError(
@@ -237,8 +243,9 @@ def validate_prompt_ids(ids: list[int], limits: ModelLimits) -> None:
         out_of_range = True
     if out_of_range:
         bad = next((t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < limits.vocab_size), ids[0])
-        raise InvalidRequestError("prompt.token_ids",
-                                  f"token id {bad!r} is outside the vocabulary [0, {limits.vocab_size})")
+        raise InvalidRequestError(
+            "prompt.token_ids", f"token id {bad!r} is outside the vocabulary [0, {limits.vocab_size})"
+        )
     if len(ids) >= limits.max_model_len:
         raise InvalidRequestError(
             "prompt", f"{len(ids)} tokens leave no room to generate within the context length {limits.max_model_len}"

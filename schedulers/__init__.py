@@ -3,8 +3,10 @@
 A plugin subclasses `Scheduler`, sets `name`, implements `schedule(ctx)`, and registers its
 class under the `tandem.schedulers` entry-point group. See docs/schedulers.md.
 """
-from engine.scheduling import API_VERSION, RequestView, Scheduler, SchedulerError, StepContext
-from schedulers.registry import (
+
+from tandem.engine.host.scheduling import API_VERSION, RequestView, Scheduler, SchedulerError, StepContext
+from tandem.schedulers.building_blocks import admit_waiting, continue_running
+from tandem.schedulers.registry import (
     ENTRY_POINT_GROUP,
     SchedulerLoadError,
     available_schedulers,
@@ -20,7 +22,9 @@ __all__ = [
     "SchedulerError",
     "SchedulerLoadError",
     "StepContext",
+    "admit_waiting",
     "available_schedulers",
+    "continue_running",
     "load_scheduler",
     "parse_options",
 ]

@@ -1,7 +1,8 @@
 """async-overlap: any policy, with host preparation of step N+1 overlapped with step N."""
+
 from __future__ import annotations
 
-from engine.scheduling import Scheduler, StepContext
+from tandem.engine.host.scheduling import Scheduler, StepContext
 
 
 class AsyncOverlap(Scheduler):
@@ -14,7 +15,7 @@ class AsyncOverlap(Scheduler):
     overlap = True
 
     def __init__(self, policy: str = "fcfs", **policy_options: str) -> None:
-        from schedulers.registry import load_scheduler
+        from tandem.schedulers.registry import load_scheduler
 
         if policy == self.name:
             raise ValueError("async-overlap cannot wrap itself")

@@ -1,8 +1,9 @@
 """Prefill first: lower time to first token, with a guard so decodes cannot starve."""
+
 from __future__ import annotations
 
-from engine.scheduling import Scheduler, StepContext
-from schedulers.steps import admit_waiting, continue_running
+from tandem.engine.host.scheduling import Scheduler, StepContext
+from tandem.schedulers.building_blocks import admit_waiting, continue_running
 
 
 class PrefillPriority(Scheduler):

@@ -1,12 +1,13 @@
 """Find scheduler plugins by name through entry points (group `tandem.schedulers`)."""
+
 from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 
-from engine.errors import TandemError
-from engine.scheduling import API_VERSION, Scheduler
+from tandem.engine.errors import TandemError
+from tandem.engine.host.scheduling import API_VERSION, Scheduler
 
 ENTRY_POINT_GROUP = "tandem.schedulers"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -74,11 +75,13 @@ def load_scheduler(name: str, options: Mapping[str, object] | None = None) -> Sc
             raise SchedulerLoadError(f"scheduler {name!r} has no option {key!r}; its options: {valid}")
         kwargs[key] = _convert(name, key, raw, known[key].default)
     try:
-        return cls(**kwargs)
+        scheduler = cls(**kwargs)
     except SchedulerLoadError:
         raise
     except (TypeError, ValueError) as exc:
         raise SchedulerLoadError(f"scheduler {name!r}: {exc}") from exc
+    scheduler.options = dict(options or {})
+    return scheduler
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:

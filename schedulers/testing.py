@@ -1,6 +1,6 @@
 """Conformance kit: the checks every scheduler plugin must pass, usable from pytest.
 
-    from schedulers.testing import check_scheduler
+    from tandem.schedulers.testing import check_scheduler
 
     def test_conformance():
         report = check_scheduler(lambda: MyScheduler(), max_examples=25)
@@ -15,6 +15,7 @@ too, but are not compared: when a policy chunks a prompt differently, or a preem
 recomputes its K/V, logits move by float rounding, about 1e-5, which can move a sampled token
 across a CDF boundary. Greedy choices have no such knife edge at the presets' logit scale.)
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,11 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import EngineConfig
-from engine.core import EngineCore
-from engine.engine import build_core
-from engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingCriteria
-from engine.scheduling import Scheduler
+from tandem.engine.config import EngineConfig
+from tandem.engine.engine import build_core
+from tandem.engine.host.core import EngineCore
+from tandem.engine.host.scheduling import Scheduler
+from tandem.engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingCriteria
 
 TIGHT = dict(block_size=4, kv_blocks=12, max_batch_tokens=24, max_num_seqs=6)
 ROOMY = dict(block_size=4, kv_blocks=64, max_batch_tokens=64, max_num_seqs=8)
@@ -62,12 +63,14 @@ def _core(factory: Callable[[], Scheduler], model: str, limits: dict) -> EngineC
     return build_core(EngineConfig(model=model, **limits), scheduler)[0]
 
 
-def run_workload(core: EngineCore, arrivals: list[Arrival], name: str) -> dict[str, tuple[list[int], FinishReason]]:
+def run_workload(
+    core: EngineCore, arrivals: list[Arrival], name: str
+) -> dict[str, tuple[list[int], FinishReason | None]]:
     """Drive `core` step by step, checking limits and accounting after each step."""
     pending = sorted(arrivals, key=lambda a: a.step)
     aborts: dict[str, int] = {}
     tokens: dict[str, list[int]] = {}
-    done: dict[str, tuple[list[int], FinishReason]] = {}
+    done: dict[str, tuple[list[int], FinishReason | None]] = {}
     total = sum(len(a.request.prompt) + a.request.stopping.max_new_tokens for a in arrivals)
     bound = 4 * total + max((a.step for a in arrivals), default=0) + 50
     step = idle = 0
@@ -75,7 +78,7 @@ def run_workload(core: EngineCore, arrivals: list[Arrival], name: str) -> dict[s
         while pending and pending[0].step <= step:
             a = pending.pop(0)
             core.add(core.make_sequence(a.request))
-            if a.abort_after is not None:
+            if a.abort_after is not None and a.request.request_id is not None:
                 aborts[a.request.request_id] = step + a.abort_after
         for rid in [r for r, at in aborts.items() if at <= step]:
             del aborts[rid]
@@ -164,8 +167,14 @@ def check_random_workloads(
         st.integers(-2, 2),  # priority
     )
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
-              report_multiple_bugs=False, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.lists(request, min_size=1, max_size=10), st.integers(0, 2**16))
     def workload(spec, seed):
         arrivals = _arrivals(spec, seed)
@@ -199,6 +208,8 @@ def check_random_workloads(
     return report
 
 
-def check_scheduler(factory: Callable[[], Scheduler], max_examples: int = 25, model: str = "tiny-llama") -> ConformanceReport:
+def check_scheduler(
+    factory: Callable[[], Scheduler], max_examples: int = 25, model: str = "tiny-llama"
+) -> ConformanceReport:
     """Run the whole kit; raises ConformanceError (an AssertionError) on the first failure."""
     return check_random_workloads(factory, max_examples, model)

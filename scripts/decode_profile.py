@@ -9,6 +9,7 @@ matmuls (the model's linear layers), KV gathers into the attention scratch, the 
 kernel, everything else. Also prints the KV bytes a step must read at the least (each row's
 real context, K and V, every layer) against the weights it reads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,18 +21,21 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import EngineConfig, SamplingParams, StoppingCriteria  # noqa: E402
-from engine.engine import build_core  # noqa: E402
-from engine.request import GenerationRequest  # noqa: E402
-from schedulers import load_scheduler  # noqa: E402
-from service.bench.workloads import make  # noqa: E402
+from tandem.bench.workloads import make  # noqa: E402
+from tandem.engine import EngineConfig, SamplingParams, StoppingCriteria  # noqa: E402
+from tandem.engine.engine import build_core  # noqa: E402
+from tandem.engine.request import GenerationRequest  # noqa: E402
+from tandem.schedulers import load_scheduler  # noqa: E402
 
 GROUPS = {
     "matmul (linear layers)": ("aten::mm", "aten::addmm", "aten::bmm"),
     "KV gather (index_select)": ("aten::index_select", "aten::index"),
     "fused paged decode (C++)": ("tandem::paged_decode",),
-    "attention kernel (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                                "aten::_scaled_dot_product_efficient_attention", "aten::_flash_attention_forward"),
+    "attention kernel (SDPA)": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_flash_attention_forward",
+    ),
     "KV write (index_copy_)": ("aten::index_copy_",),
 }
 
@@ -46,8 +50,9 @@ def main() -> None:
     core, loaded = build_core(EngineConfig(model=args.model), load_scheduler("fcfs"))
     work = make("offline", loaded.vocab_size, requests=64)
     for prompt in work.prompts:
-        request = GenerationRequest(prompt, SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=400,
-                                                                                            ignore_eos=True))
+        request = GenerationRequest(
+            prompt, SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=400, ignore_eos=True)
+        )
         core.add(core.make_sequence(request))
     while core.waiting or any(s.num_computed < len(s.prompt_ids) for s in core.running):
         core.step()
@@ -61,8 +66,10 @@ def main() -> None:
     wall = (time.perf_counter() - start) / args.steps
     totals = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     total = sum(totals.values())
-    print(f"{len(contexts)} rows, contexts {min(contexts)}-{max(contexts)} (mean {sum(contexts) / len(contexts):.0f}); "
-          f"{wall * 1e3:.1f} ms per step under the profiler")
+    print(
+        f"{len(contexts)} rows, contexts {min(contexts)}-{max(contexts)} (mean {sum(contexts) / len(contexts):.0f}); "
+        f"{wall * 1e3:.1f} ms per step under the profiler"
+    )
     for name, ops in GROUPS.items():
         t = sum(totals.get(op, 0) for op in ops)
         print(f"  {name:<28}{t / 1e3 / args.steps:8.1f} ms/step {t / total:6.1%}")
@@ -76,8 +83,10 @@ def main() -> None:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * loaded.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    print(f"KV bytes a step must read: {sum(contexts) * per_token / 2**20:.0f} MiB "
-          f"(weights: {weights / 2**20:.0f} MiB, read once per step)")
+    print(
+        f"KV bytes a step must read: {sum(contexts) * per_token / 2**20:.0f} MiB "
+        f"(weights: {weights / 2**20:.0f} MiB, read once per step)"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ tokens/s and the device-idle fraction for both at two batch sizes, next to trans
 continuous batching (`generate_batch`) with and without its async batching, on the same model
 and prompts. Without CUDA it makes the same pass on a tiny model on the CPU (CI runs it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,28 +18,49 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import Engine, EngineConfig, SamplingParams, StoppingCriteria  # noqa: E402
-from engine.presets import train_tokenizer  # noqa: E402
-from schedulers import load_scheduler  # noqa: E402
+from tandem.engine import Engine, EngineConfig, SamplingParams, StoppingCriteria  # noqa: E402
+from tandem.engine.model.presets import train_tokenizer  # noqa: E402
+from tandem.schedulers import load_scheduler  # noqa: E402
 
-GPU_MODEL = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
-                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
-CPU_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+GPU_MODEL: dict[str, Any] = dict(
+    hidden_size=1536,
+    intermediate_size=4096,
+    num_hidden_layers=16,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
+CPU_MODEL: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=1024,
+)
 
 
 def build_model(out: Path, cuda: bool) -> int:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     spec = GPU_MODEL if cuda else CPU_MODEL
-    config = LlamaConfig(**spec, bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
-                         initializer_range=0.02 if cuda else 0.3)
+    config = LlamaConfig(
+        **spec,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        initializer_range=0.02 if cuda else 0.3,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(out)
@@ -59,18 +81,29 @@ def run_tandem(path: Path, scheduler: str, batch: int, prompts, new: int, device
         wall = time.perf_counter() - start
         busy, idle = stats.busy_seconds - busy0, stats.idle_seconds - idle0
     tokens = sum(len(c.token_ids) for c in done)
-    return dict(system=f"tandem {scheduler}", batch=batch, tokens_per_s=tokens / wall, wall_s=wall,
-                idle_fraction=idle / (busy + idle) if busy + idle else None, outputs=[c.token_ids for c in done])
+    return dict(
+        system=f"tandem {scheduler}",
+        batch=batch,
+        tokens_per_s=tokens / wall,
+        wall_s=wall,
+        idle_fraction=idle / (busy + idle) if busy + idle else None,
+        outputs=[c.token_ids for c in done],
+    )
 
 
 def run_transformers(path: Path, batch: int, prompts, new: int, device: str, use_async: bool) -> dict:
-    row = dict(system=f"transformers generate_batch{' async' if use_async else ''}", batch=batch,
-               tokens_per_s=None, wall_s=None, idle_fraction=None)
+    row = dict(
+        system=f"transformers generate_batch{' async' if use_async else ''}",
+        batch=batch,
+        tokens_per_s=None,
+        wall_s=None,
+        idle_fraction=None,
+    )
     try:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
         gen = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=1, pad_token_id=2)
         kwargs = {}
         try:
@@ -101,8 +134,12 @@ def main() -> int:
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
     batches, new = ((8, 64), 64) if cuda else ((4, 8), 16)
-    report = dict(device=torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=[])
+    report: dict[str, Any] = dict(
+        device=torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"),
+        rows=[],
+    )
     import transformers
 
     report["transformers"] = transformers.__version__
@@ -121,8 +158,10 @@ def main() -> int:
             for use_async in (False, True):
                 report["rows"].append(run_transformers(path, batch, prompts, new, device, use_async))
         report["sync_async_identical"] = identical
-    print(f"device={report['device']} params={report['parameters'] / 1e6:.1f}M torch={report['torch']} "
-          f"transformers={report['transformers']} sync==async: {identical}")
+    print(
+        f"device={report['device']} params={report['parameters'] / 1e6:.1f}M torch={report['torch']} "
+        f"transformers={report['transformers']} sync==async: {identical}"
+    )
     print(f"{'system':<40}{'batch':>6}{'tok/s':>10}{'idle':>8}")
     for r in report["rows"]:
         tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "-"

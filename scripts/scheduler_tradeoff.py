@@ -5,6 +5,7 @@
 Requests arrive as a Poisson process; prompts and outputs have mixed lengths. Each policy
 runs the same seeded workload on a fresh engine, one after the other, in this one process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,8 @@ import time
 
 import numpy as np
 
-from engine import Engine, EngineConfig, GenerationRequest, SamplingParams, StoppingCriteria
-from schedulers import load_scheduler
+from tandem.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, StoppingCriteria
+from tandem.schedulers import load_scheduler
 
 
 def run(policy: str, args, prompts, outputs, gaps) -> dict:
@@ -30,14 +31,16 @@ def run(policy: str, args, prompts, outputs, gaps) -> dict:
                 times[i].append(time.perf_counter())
                 if out.finished:
                     finished.release()
+
             return sink
 
         start = time.perf_counter()
         for i, (prompt, n) in enumerate(zip(prompts, outputs)):
             time.sleep(max(0.0, start + gaps[i] - time.perf_counter()))
             submitted[i] = time.perf_counter()
-            request = GenerationRequest(prompt, SamplingParams(temperature=0),
-                                        StoppingCriteria(max_new_tokens=n, ignore_eos=True))
+            request = GenerationRequest(
+                prompt, SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=n, ignore_eos=True)
+            )
             engine.submit(request, sink_for(i))
         for _ in prompts:
             finished.acquire()
@@ -59,13 +62,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per policy, interleaved, samples pooled")
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
-    prompts = [rng.integers(4, 32000 if args.model == "bench-llama" else 500, int(rng.integers(16, 513))).tolist()
-               for _ in range(args.requests)]
+    prompts = [
+        rng.integers(4, 32000 if args.model == "bench-llama" else 500, int(rng.integers(16, 513))).tolist()
+        for _ in range(args.requests)
+    ]
     outputs = [int(rng.integers(32, 129)) for _ in range(args.requests)]
     gaps = np.cumsum(rng.exponential(1 / args.rate, args.requests))
     print(f"model={args.model} requests={args.requests} rate={args.rate}/s max_batch_tokens={args.max_batch_tokens}")
     print(f"{'policy':<18}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}{'ITL p99':>10}{'tok/s':>8}")
-    runs = {policy: [] for policy in args.policies}
+    runs: dict[str, list[dict]] = {policy: [] for policy in args.policies}
     for _ in range(args.repeats):  # interleaved, so machine noise hits every policy alike
         for policy in args.policies:
             runs[policy].append(run(policy, args, prompts, outputs, gaps))
@@ -73,9 +78,11 @@ def main() -> None:
         ttft = np.concatenate([r["ttft"] for r in rs]) * 1e3
         itl = np.concatenate([r["itl"] for r in rs]) * 1e3
         rate = sum(r["tokens"] for r in rs) / sum(r["wall"] for r in rs)
-        p = lambda a, q: np.percentile(a, q)  # noqa: E731
-        print(f"{policy:<18}{p(ttft, 50):>8.0f}ms{p(ttft, 99):>8.0f}ms{p(itl, 50):>8.0f}ms{p(itl, 99):>8.0f}ms"
-              f"{rate:>8.0f}")
+        pct = lambda a, q: np.percentile(a, q)
+        print(
+            f"{policy:<18}{pct(ttft, 50):>8.0f}ms{pct(ttft, 99):>8.0f}ms{pct(itl, 50):>8.0f}ms{pct(itl, 99):>8.0f}ms"
+            f"{rate:>8.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Bearer-token authentication, checked by a server interceptor before any handler runs."""
+
 from __future__ import annotations
 
 import hmac
@@ -15,8 +16,11 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.Health/",)
 
 def load_tokens(path: str | Path) -> list[bytes]:
     """One token per line; blank lines and #-comments are skipped. Refuses an empty file."""
-    tokens = [line.strip().encode() for line in Path(path).read_text().splitlines()
-              if line.strip() and not line.lstrip().startswith("#")]
+    tokens = [
+        line.strip().encode()
+        for line in Path(path).read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not tokens:
         raise ValueError(f"--auth-token-file {path}: no tokens in the file")
     return tokens

@@ -1,10 +1,24 @@
 """Between tandem.v1 messages and the engine's request and output types."""
+
 from __future__ import annotations
 
-from engine import FinishReason, GenerationRequest, OutputOptions, RequestOutput, SamplingParams, StoppingCriteria
-from engine.errors import InvalidRequestError
-from engine.request import DEFAULT_MAX_NEW_TOKENS, TokenLogprob
+from typing import TypeVar
+
+from google.protobuf.message import Message
+
+from tandem.engine import (
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    OutputOptions,
+    RequestOutput,
+    SamplingParams,
+    StoppingCriteria,
+)
+from tandem.engine.request import DEFAULT_MAX_NEW_TOKENS, TokenLogprob
 from tandem.v1 import generation_pb2 as pb
+
+T = TypeVar("T")
 
 FINISH_REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -15,11 +29,14 @@ FINISH_REASONS = {
 }
 
 
-def _opt(msg, name: str, default):
+GenerateMessage = pb.GenerateRequest | pb.GenerateStreamRequest  # the same fields, one converter
+
+
+def _opt(msg: Message, name: str, default: T) -> T:
     return getattr(msg, name) if msg.HasField(name) else default
 
 
-def to_request(msg) -> GenerationRequest:
+def to_request(msg: GenerateMessage) -> GenerationRequest:
     """A GenerateRequest or GenerateStreamRequest as an engine request (not yet validated)."""
     kind = msg.WhichOneof("prompt")
     if kind is None:
@@ -49,6 +66,53 @@ def to_request(msg) -> GenerationRequest:
     return GenerationRequest(prompt, sampling, stopping, output, msg.request_id or None, msg.priority)
 
 
+def to_message(request: GenerationRequest) -> pb.GenerateStreamRequest:
+    """The engine request as a tandem.v1 message (what `tandem generate --target` sends)."""
+    s, t, o = request.sampling, request.stopping, request.output
+    msg = pb.GenerateStreamRequest(
+        request_id=request.request_id or "",
+        sampling=pb.SamplingParams(
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            logit_bias=s.logit_bias,
+            seed=s.seed,
+        ),
+        stopping=pb.StoppingCriteria(
+            max_new_tokens=t.max_new_tokens,
+            min_new_tokens=t.min_new_tokens,
+            stop_token_ids=t.stop_token_ids,
+            stop_strings=t.stop_strings,
+            ignore_eos=t.ignore_eos,
+        ),
+        output=pb.OutputOptions(logprobs=o.logprobs, top_logprobs=o.top_logprobs),
+        priority=request.priority,
+    )
+    if isinstance(request.prompt, str):
+        msg.text = request.prompt
+    else:
+        msg.token_ids.ids.extend(request.prompt)
+    return msg
+
+
+def usage(out: RequestOutput, completion_tokens: int) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=out.num_prompt_tokens,
+        cached_prompt_tokens=out.num_cached_tokens,
+        completion_tokens=completion_tokens,
+    )
+
+
+def finish_reason(out: RequestOutput) -> pb.FinishReason:
+    if out.finish_reason is None:
+        raise ValueError(f"request {out.request_id} has not finished")
+    return FINISH_REASONS[out.finish_reason]
+
+
 def api_field(engine_field: str, request: GenerationRequest) -> str:
     """The engine's field path at the API's names (the prompt is a oneof there)."""
     if engine_field == "prompt":
@@ -58,20 +122,24 @@ def api_field(engine_field: str, request: GenerationRequest) -> str:
     return engine_field
 
 
-def logprobs(items: list[TokenLogprob] | None) -> list:
+def logprobs(items: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
     return [
-        pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob or 0.0,
-                        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+        pb.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob or 0.0,
+            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
         for lp in items or []
     ]
 
 
 def stream_response(out: RequestOutput, first: bool) -> pb.GenerateStreamResponse:
-    msg = pb.GenerateStreamResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text,
-                                    logprobs=logprobs(out.logprobs))
+    msg = pb.GenerateStreamResponse(
+        request_id=out.request_id, token_ids=out.token_ids, text=out.text, logprobs=logprobs(out.logprobs)
+    )
     if first:
         msg.prompt_tokens = out.num_prompt_tokens
         msg.cached_prompt_tokens = out.num_cached_tokens
     if out.finished:
-        msg.finish_reason = FINISH_REASONS[out.finish_reason]
+        msg.finish_reason = finish_reason(out)
     return msg

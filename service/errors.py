@@ -1,4 +1,5 @@
 """gRPC statuses with google.rpc details (grpcio-status)."""
+
 from __future__ import annotations
 
 import grpc
@@ -9,12 +10,14 @@ from grpc_status import rpc_status
 
 def invalid_argument(field: str, description: str) -> grpc.Status:
     detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(
-        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
-    ))
-    return rpc_status.to_status(status_pb2.Status(
-        code=code_pb2.INVALID_ARGUMENT, message=f"{field}: {description}", details=[detail]
-    ))
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
+        )
+    )
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=f"{field}: {description}", details=[detail])
+    )
 
 
 def resource_exhausted(message: str, retry_after_s: float) -> grpc.Status:

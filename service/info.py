@@ -1,27 +1,25 @@
 """tandem.v1.InfoService: the served model, the server's settings, and its load."""
+
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import asdict
 
-from engine import Engine
+import grpc
+
+import tandem
+from tandem.engine import Engine
 from tandem.v1 import info_pb2 as pb
 from tandem.v1 import info_pb2_grpc as pb_grpc
 
 
-def tandem_version() -> str:
-    try:
-        return version("tandem")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 class InfoServicer(pb_grpc.InfoServiceServicer):
-    def __init__(self, engine: Engine, scheduler_options: dict[str, str], max_waiting: int) -> None:
+    def __init__(self, engine: Engine, max_waiting: int) -> None:
         self.engine = engine
-        self.scheduler_options = scheduler_options
         self.max_waiting = max_waiting
 
-    async def GetModelInfo(self, request, context):
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
         m = self.engine.model
         return pb.GetModelInfoResponse(
             name=m.name,
@@ -33,19 +31,20 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
             device=str(m.device),
         )
 
-    async def GetServerInfo(self, request, context):
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
         c = self.engine.config
         return pb.GetServerInfoResponse(
-            version=tandem_version(),
-            scheduler=self.engine.core.scheduler.name,
-            scheduler_options=self.scheduler_options,
+            version=tandem.__version__,
+            scheduler=self.engine.scheduler_name,
+            scheduler_options=self.engine.scheduler_options,
             max_batch_tokens=c.max_batch_tokens,
             max_num_seqs=c.max_num_seqs,
             max_waiting=self.max_waiting,
             block_size=c.block_size,
-            kv_blocks=self.engine.core.blocks.num_blocks,
+            kv_blocks=self.engine.stats().kv_blocks_total,
         )
 
-    async def GetLoad(self, request, context):
-        load = self.engine.load()
-        return pb.GetLoadResponse(**vars(load))
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
+        return pb.GetLoadResponse(**asdict(self.engine.load()))

@@ -1,10 +1,11 @@
 """The grpc.aio server: generation, health, reflection, graceful shutdown."""
+
 from __future__ import annotations
 
 import asyncio
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -12,10 +13,10 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine import Engine, StoppingCriteria
-from service.auth import BearerAuthInterceptor
-from service.info import InfoServicer
-from service.servicer import GenerationServicer
+from tandem.engine import Engine, StoppingCriteria
+from tandem.service.auth import BearerAuthInterceptor
+from tandem.service.info import InfoServicer
+from tandem.service.servicer import GenerationServicer
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 from tandem.v1 import info_pb2, info_pb2_grpc
@@ -43,7 +44,6 @@ class ServerOptions:
     port: int = 50051
     grace: float = 30.0  # seconds in-flight streams get on SIGTERM
     max_waiting: int = 1024  # waiting requests beyond which new ones get RESOURCE_EXHAUSTED
-    scheduler_options: dict[str, str] = field(default_factory=dict)  # reported by GetServerInfo
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0 picks one)
     max_message_bytes: int = 4 * 2**20  # larger requests get RESOURCE_EXHAUSTED from gRPC itself
     tls_cert: str | None = None  # PEM files; with tls_client_ca, clients must present a certificate
@@ -62,47 +62,82 @@ def server_credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:
         raise ValueError("--tls-cert and --tls-key go together")
     read = lambda p: Path(p).read_bytes()  # noqa: E731
     ca = read(opts.tls_client_ca) if opts.tls_client_ca else None
-    return grpc.ssl_server_credentials([(read(opts.tls_key), read(opts.tls_cert))], root_certificates=ca,
-                                       require_client_auth=ca is not None)
+    return grpc.ssl_server_credentials(
+        [(read(opts.tls_key), read(opts.tls_cert))], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+@dataclass
+class Server:
+    """The grpc.aio server with every service added, bound, not yet started."""
+
+    grpc_server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    tls: bool
+
+    async def set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        await _set_health(self.health, status)
+
+
+async def _set_health(
+    servicer: health.aio.HealthServicer, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+) -> None:
+    for name in ("", GENERATION_SERVICE, INFO_SERVICE):
+        await servicer.set(name, status)
+
+
+def build_server(engine: Engine, opts: ServerOptions) -> Server:
+    credentials = server_credentials(opts)
+    interceptors = [BearerAuthInterceptor(opts.auth_tokens)] if opts.auth_tokens else []
+    size = opts.max_message_bytes
+    options = SERVER_OPTIONS + [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", max(size, 64 * 2**20)),
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    health_servicer = health.aio.HealthServicer()
+
+    async def not_serving() -> None:
+        await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    generation = GenerationServicer(
+        engine, opts.max_waiting, on_engine_failure=not_serving, log_prompts=opts.log_prompts
+    )
+    pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
+    info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(engine, opts.max_waiting), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (GENERATION_SERVICE, INFO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    address = f"{opts.host}:{opts.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    return Server(server, health_servicer, port, credentials is not None)
 
 
 async def serve(engine: Engine, opts: ServerOptions) -> int:
     host, grace = opts.host, opts.grace
-    credentials = server_credentials(opts)
-    interceptors = [BearerAuthInterceptor(opts.auth_tokens)] if opts.auth_tokens else []
-    size = opts.max_message_bytes
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS + [
-        ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", max(size, 64 * 2**20))])
-    health_servicer = health.aio.HealthServicer()
-
-    async def not_serving() -> None:
-        for name in ("", GENERATION_SERVICE, INFO_SERVICE):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    generation = GenerationServicer(engine, opts.max_waiting, on_engine_failure=not_serving,
-                                    log_prompts=opts.log_prompts)
-    pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
-    info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(engine, opts.scheduler_options, opts.max_waiting),
-                                                    server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (GENERATION_SERVICE, INFO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    address = f"{host}:{opts.port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    await not_serving()
+    built = build_server(engine, opts)
+    server = built.grpc_server
+    await built.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     # Warm up before declaring SERVING: the first forward pass allocates and compiles.
     await asyncio.to_thread(engine.generate, [[4, 5, 6]], None, StoppingCriteria(max_new_tokens=2))
-    for name in ("", GENERATION_SERVICE, INFO_SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await built.set_health(health_pb2.HealthCheckResponse.SERVING)
     metrics_note = ""
     if opts.metrics_port is not None:
-        from service import metrics
+        from tandem.service import metrics
 
         metrics_note = f" metrics on {host}:{metrics.start(engine, host, opts.metrics_port)}"
-    print(f"tandem serving on {host}:{bound}{metrics_note}", flush=True)
-    log.info("serving", host=host, port=bound, scheduler=engine.core.scheduler.name, tls=credentials is not None,
-             mtls=bool(opts.tls_client_ca), auth=bool(opts.auth_tokens))
+    print(f"tandem serving on {host}:{built.port}{metrics_note}", flush=True)
+    log.info(
+        "serving",
+        host=host,
+        port=built.port,
+        scheduler=engine.scheduler_name,
+        tls=built.tls,
+        mtls=bool(opts.tls_client_ca),
+        auth=bool(opts.auth_tokens),
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -113,13 +148,13 @@ async def serve(engine: Engine, opts: ServerOptions) -> int:
     if failed.done():
         # Every in-flight stream has its status already (the engine failed them all); the
         # process exits non-zero so that an orchestrator restarts it with a fresh engine.
-        await not_serving()
+        await built.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.error("exiting_engine_failed", error=repr(engine.dead), exit_code=EXIT_ENGINE_FAILED)
         await server.stop(min(grace, 5.0))
         return EXIT_ENGINE_FAILED
     failed.cancel()
     log.info("draining", grace_seconds=grace)
-    await health_servicer.enter_graceful_shutdown()
+    await built.health.enter_graceful_shutdown()
     await server.stop(grace)  # refuses new RPCs, lets in-flight ones finish, then cancels them
     log.info("stopped")
     return 0

@@ -1,30 +1,41 @@
 """tandem.v1.GenerationService on the engine."""
+
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import structlog
 
-from engine import Engine, EngineDeadError, GenerationRequest, InvalidRequestError
-from engine.errors import EngineHungError
-from service.convert import FINISH_REASONS, api_field, logprobs, stream_response, to_request
-from service import metrics
-from service.errors import invalid_argument, resource_exhausted
+from tandem.engine import Engine, EngineDeadError, GenerationRequest, InvalidRequestError, RequestOutput
+from tandem.engine.errors import EngineHungError
+from tandem.service import metrics
+from tandem.service.convert import (
+    GenerateMessage,
+    api_field,
+    finish_reason,
+    logprobs,
+    stream_response,
+    to_request,
+    usage,
+)
+from tandem.service.errors import invalid_argument, resource_exhausted
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("tandem.service")
 MAX_REQUEST_ID = 256
+Context = grpc.aio.ServicerContext
 
 
-def _request_id(msg, context: grpc.aio.ServicerContext) -> str:
+def _request_id(msg: GenerateMessage, context: Context) -> str:
     if msg.request_id:
         return msg.request_id
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and value:
-            return value
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
     return uuid.uuid4().hex
 
 
@@ -38,19 +49,27 @@ def _bad_request_id(request_id: str) -> str | None:
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, engine: Engine, max_waiting: int, on_engine_failure=None, log_prompts: bool = False) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_waiting: int,
+        on_engine_failure: Callable[[], Awaitable[None]] | None = None,
+        log_prompts: bool = False,
+    ) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
         self.on_engine_failure = on_engine_failure
         self.log_prompts = log_prompts  # off: prompt and output text never reach the logs
 
-    async def _prepare(self, msg, context) -> GenerationRequest:
+    async def _prepare(self, msg: GenerateMessage, context: Context) -> GenerationRequest:
         if self.engine.dead is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine has failed; this server is not serving")
         if self.engine.num_waiting >= self.max_waiting:
-            await context.abort_with_status(resource_exhausted(
-                f"{self.max_waiting} requests are already waiting (--max-waiting); retry later", retry_after_s=1.0
-            ))
+            await context.abort_with_status(
+                resource_exhausted(
+                    f"{self.max_waiting} requests are already waiting (--max-waiting); retry later", retry_after_s=1.0
+                )
+            )
         try:
             request = to_request(msg)
         except InvalidRequestError as exc:
@@ -61,7 +80,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         await context.send_initial_metadata((("x-request-id", request.request_id),))
         return request
 
-    async def _outputs(self, request: GenerationRequest, context):
+    async def _outputs(self, request: GenerationRequest, context: Context) -> AsyncIterator[RequestOutput]:
         """The engine's outputs; engine errors become gRPC statuses."""
         try:
             async for out in self.engine.stream(request):
@@ -76,18 +95,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             code = grpc.StatusCode.UNAVAILABLE if isinstance(exc, EngineHungError) else grpc.StatusCode.INTERNAL
             await context.abort(code, str(exc))
 
-    async def GenerateStream(self, msg, context):
+    async def GenerateStream(
+        self, msg: pb.GenerateStreamRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         received = time.monotonic()
         request = await self._prepare(msg, context)
         self._received(request, "GenerateStream")
-        first_at = last_at = None
+        first_at: float | None = None
+        last_at = ttft_at = received
         tokens, finished, text = 0, False, []
         try:
             async for out in self._outputs(request, context):
                 now = time.monotonic()
                 response = stream_response(out, first_at is None)
                 if first_at is None:
-                    first_at = now
+                    first_at = ttft_at = now
                     metrics.TTFT.observe(now - received)
                     log.info("first_token", request_id=request.request_id, seconds=round(now - received, 4))
                 else:
@@ -98,13 +120,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     text.append(out.text)
                 if out.finished:
                     finished = True
-                    response.usage.CopyFrom(pb.Usage(prompt_tokens=out.num_prompt_tokens,
-                                                     cached_prompt_tokens=out.num_cached_tokens,
-                                                     completion_tokens=tokens))
-                    response.timings.time_to_first_token_seconds = first_at - received
+                    response.usage.CopyFrom(usage(out, tokens))
+                    response.timings.time_to_first_token_seconds = ttft_at - received
                     response.timings.queue_seconds = out.queue_seconds or 0.0
                     response.timings.total_seconds = now - received
-                    self._finished(request.request_id, out.finish_reason.value, tokens, received, "".join(text))
+                    self._finished(request.request_id, out, tokens, received, "".join(text))
                 yield response
         finally:
             if not finished:  # cancelled, deadline, or an error status
@@ -116,15 +136,22 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         extra = dict(prompt=request.prompt) if self.log_prompts else {}
         log.info("request_received", request_id=request.request_id, rpc=rpc, **extra)
 
-    def _finished(self, request_id: str, reason: str, tokens: int, received: float, text: str) -> None:
+    def _finished(self, request_id: str | None, last: RequestOutput, tokens: int, received: float, text: str) -> None:
         seconds = time.monotonic() - received
+        reason = last.finish_reason.value if last.finish_reason else "unknown"
         metrics.E2E.observe(seconds)
         metrics.REQUESTS.labels(reason, "OK").inc()
         extra = dict(output=text) if self.log_prompts else {}
-        log.info("request_finished", request_id=request_id, reason=reason, completion_tokens=tokens,
-                 seconds=round(seconds, 4), **extra)
+        log.info(
+            "request_finished",
+            request_id=request_id,
+            reason=reason,
+            completion_tokens=tokens,
+            seconds=round(seconds, 4),
+            **extra,
+        )
 
-    async def Generate(self, msg, context):
+    async def Generate(self, msg: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         received = time.monotonic()
         request = await self._prepare(msg, context)
         self._received(request, "Generate")
@@ -132,24 +159,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         last = parts[-1]
         tokens = [t for p in parts for t in p.token_ids]
         text = "".join(p.text for p in parts)
-        self._finished(request.request_id, last.finish_reason.value, len(tokens), received, text)
+        self._finished(request.request_id, last, len(tokens), received, text)
         lps = [lp for p in parts for lp in (p.logprobs or [])]
         return pb.GenerateResponse(
             request_id=request.request_id,
             token_ids=tokens,
             text=text,
             logprobs=logprobs(lps),
-            finish_reason=FINISH_REASONS[last.finish_reason],
-            usage=pb.Usage(prompt_tokens=last.num_prompt_tokens, cached_prompt_tokens=last.num_cached_tokens,
-                           completion_tokens=len(tokens)),
+            finish_reason=finish_reason(last),
+            usage=usage(last, len(tokens)),
             timings=pb.Timings(total_seconds=time.monotonic() - received, queue_seconds=last.queue_seconds or 0.0),
         )
 
-    async def Abort(self, msg, context):
+    async def Abort(self, msg: pb.AbortRequest, context: Context) -> pb.AbortResponse:
         for request_id in msg.request_ids:
             self.engine.abort(request_id)
         return pb.AbortResponse()
 
-    async def Tokenize(self, msg, context):
+    async def Tokenize(self, msg: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
         ids = self.engine.tokenizer.encode(msg.text, add_special_tokens=msg.add_special_tokens)
         return pb.TokenizeResponse(token_ids=ids)

@@ -1,22 +1,24 @@
 """async-overlap: same tokens as the synchronous policy, safe finishing, the carry-over."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_engine
-from engine.batch import StepBatch, StepRow, placeholder
-from engine.executor import Executor
-from engine.executor_worker import WorkerExecutor
-from engine.kv_cache import KVCache, KVLayout
-from engine.model_loader import load_model
-from engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingCriteria
-from engine.sampling import SampleSpec
-from schedulers import load_scheduler
-from schedulers.testing import Arrival, check_scheduler, run_workload
-from engine.engine import build_core
-from engine import EngineConfig
+from helpers import make_engine
+from tandem.engine import EngineConfig
+from tandem.engine.device.batch import StepBatch, StepRow
+from tandem.engine.device.executor import Executor
+from tandem.engine.device.executor_worker import WorkerExecutor
+from tandem.engine.device.kv_cache import KVCache, KVLayout
+from tandem.engine.device.placeholders import placeholder
+from tandem.engine.device.sampling import SampleSpec
+from tandem.engine.engine import build_core
+from tandem.engine.model.loader import load_model
+from tandem.engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingCriteria
+from tandem.schedulers import load_scheduler
+from tandem.schedulers.testing import Arrival, check_scheduler, run_workload
 
 
 def test_carry_over_feeds_the_previous_steps_tokens() -> None:
@@ -61,7 +63,9 @@ def _workload(seed: int, sampled: bool) -> list[Arrival]:
         params = SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i) if sampled else SamplingParams(temperature=0)
         prompt = rng.integers(4, 500, int(rng.integers(2, 28))).tolist()
         abort_after = 3 if i in (2, 7) else None
-        arrivals.append(Arrival(int(rng.integers(0, 12)), GenerationRequest(prompt, params, stop, request_id=f"r{i}"), abort_after))
+        arrivals.append(
+            Arrival(int(rng.integers(0, 12)), GenerationRequest(prompt, params, stop, request_id=f"r{i}"), abort_after)
+        )
     return arrivals
 
 
@@ -113,7 +117,7 @@ def test_engine_streams_and_aborts_under_overlap() -> None:
         async def abort_mid_stream():
             request = GenerationRequest([5] * 20, stopping=StoppingCriteria(300, ignore_eos=True), request_id="x")
             n = 0
-            async for out in eng.stream(request):
+            async for out in eng.stream(request):  # noqa: B007 - the last one is returned
                 n += 1
                 if n == 2:
                     eng.abort("x")
@@ -126,13 +130,13 @@ def test_engine_streams_and_aborts_under_overlap() -> None:
 
 
 def test_async_overlap_option_errors_name_the_wrapped_policy() -> None:
-    from schedulers import SchedulerLoadError
+    from tandem.schedulers import SchedulerLoadError
 
     with pytest.raises(SchedulerLoadError, match="'prefill-priority' has no option 'bogus'"):
         load_scheduler("async-overlap", {"policy": "prefill-priority", "bogus": "1"})
     with pytest.raises(SchedulerLoadError, match="unknown scheduler 'nope'"):
         load_scheduler("async-overlap", {"policy": "nope"})
-    inner = load_scheduler("async-overlap", {"policy": "prefill-priority", "max_decode_stall": "3"}).inner
+    inner = load_scheduler("async-overlap", {"policy": "prefill-priority", "max_decode_stall": "3"}).inner  # type: ignore[attr-defined]
     assert inner.max_decode_stall == 3
 
 

@@ -1,4 +1,5 @@
 """`tandem bench offline` smoke test (no timing assertions) and workload reproducibility."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.bench.workloads import NAMES, make
+from tandem.bench.workloads import NAMES, make
 
 BIN = Path(sys.executable).parent
 
@@ -28,17 +29,44 @@ def test_workloads_are_reproducible_and_shaped() -> None:
 
 def test_bench_offline_small_writes_well_formed_json_and_plots(tmp_path) -> None:
     out, plots = tmp_path / "bench.json", tmp_path / "plots"
-    res = subprocess.run([str(BIN / "tandem"), "bench", "offline", "--model", "tiny-llama", "--workload",
-                          "offline-small", "--peers", "hf-fifo", "hf-static", "--static-batch", "4", "8", "--no-tune",
-                          "--json", str(out), "--plots", str(plots)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            str(BIN / "tandem"),
+            "bench",
+            "offline",
+            "--model",
+            "tiny-llama",
+            "--workload",
+            "offline-small",
+            "--peers",
+            "hf-fifo",
+            "hf-static",
+            "--static-batch",
+            "4",
+            "8",
+            "--no-tune",
+            "--json",
+            str(out),
+            "--plots",
+            str(plots),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
     assert report["workload"]["name"] == "offline-small" and report["environment"]["torch"]
     systems = [r["system"] for r in report["results"]]
-    assert systems == ["tandem fcfs", "tandem prefill-priority", "tandem async-overlap:fcfs",
-                       "tandem async-overlap:prefill-priority", "transformers generate_batch fifo",
-                       "transformers generate (static, batch 4)", "transformers generate (static, batch 8)"]
+    assert systems == [
+        "tandem fcfs",
+        "tandem prefill-priority",
+        "tandem async-overlap:fcfs",
+        "tandem async-overlap:prefill-priority",
+        "transformers generate_batch fifo",
+        "transformers generate (static, batch 4)",
+        "transformers generate (static, batch 8)",
+    ]
     for r in report["results"]:
         assert r["error"] is None, r
         # every system generates exactly the workload's lengths
@@ -51,8 +79,8 @@ def test_bench_offline_small_writes_well_formed_json_and_plots(tmp_path) -> None
 
 
 def test_generate_batch_tuning_picks_the_fastest_setting() -> None:
-    from engine.model_loader import resolve_path
-    from service.bench.offline import _hf_model, tune_hf
+    from tandem.bench.offline import _hf_model, tune_hf
+    from tandem.engine.model.loader import resolve_path
 
     model = _hf_model(resolve_path("tiny-llama"), "cpu", None)
     work = make("offline-small", model.config.vocab_size)
@@ -65,9 +93,33 @@ def test_generate_batch_tuning_picks_the_fastest_setting() -> None:
 
 def test_bench_serve_sweep_against_local_server(tmp_path) -> None:
     out, plots = tmp_path / "serve.json", tmp_path / "plots"
-    res = subprocess.run([str(BIN / "tandem"), "bench", "serve", "--model", "tiny-llama", "--workload", "offline-small",
-                          "--rate", "20", "inf", "--concurrency", "3", "--goodput", "ttft:60000", "tpot:60000", "--json", str(out),
-                          "--plots", str(plots), "--offline-baseline"], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            str(BIN / "tandem"),
+            "bench",
+            "serve",
+            "--model",
+            "tiny-llama",
+            "--workload",
+            "offline-small",
+            "--rate",
+            "20",
+            "inf",
+            "--concurrency",
+            "3",
+            "--goodput",
+            "ttft:60000",
+            "tpot:60000",
+            "--json",
+            str(out),
+            "--plots",
+            str(plots),
+            "--offline-baseline",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
     [server] = report["servers"]
@@ -84,23 +136,41 @@ def test_bench_serve_sweep_against_local_server(tmp_path) -> None:
 
 
 def test_bench_serve_offline_baseline_needs_local_servers() -> None:
-    res = subprocess.run([str(BIN / "tandem"), "bench", "serve", "--target", "127.0.0.1:1", "--offline-baseline"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [str(BIN / "tandem"), "bench", "serve", "--target", "127.0.0.1:1", "--offline-baseline"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "--offline-baseline" in res.stderr
 
 
 def test_bench_serve_rejects_a_bad_goodput_flag() -> None:
-    res = subprocess.run([str(BIN / "tandem"), "bench", "serve", "--target", "127.0.0.1:1", "--goodput", "ttfb:5"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [str(BIN / "tandem"), "bench", "serve", "--target", "127.0.0.1:1", "--goodput", "ttfb:5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "--goodput" in res.stderr
 
 
 def test_tuned_generate_batch_reports_its_best_whole_workload_trial() -> None:
-    from service.bench.offline import bench_offline
+    from tandem.bench.offline import bench_offline
 
     grid = [{}, dict(max_batch_tokens=64, max_requests_per_batch=2)]
-    report = bench_offline("tiny-llama", "offline-small", systems=[], peers=["hf-fifo"], static_batches=[],
-                           device="cpu", dtype_name=None, json_path=None, progress=lambda msg: None, hf_grid=grid)
+    report = bench_offline(
+        "tiny-llama",
+        "offline-small",
+        systems=[],
+        peers=["hf-fifo"],
+        static_batches=[],
+        device="cpu",
+        dtype_name=None,
+        json_path=None,
+        progress=lambda msg: None,
+        hf_grid=grid,
+    )
     [row] = report["results"]
     trials = report["hf_tuning"]["fifo"]
     assert len(trials) == len(grid) and all(t["error"] is None for t in trials)

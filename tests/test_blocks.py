@@ -1,14 +1,17 @@
 """Block accounting: every block free, cached or owned; none leaked or freed twice."""
+
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import small_core
-from engine.block_manager import BlockManager, OutOfBlocksError, chain_hash
-from engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingCriteria
+from helpers import small_core
+from tandem.engine.host.block_manager import BlockManager, OutOfBlocksError, chain_hash
+from tandem.engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingCriteria
 
 
 def test_allocate_release_and_lru_eviction() -> None:
@@ -79,7 +82,11 @@ def test_random_workloads_with_aborts_leak_nothing(tight_core, workload, seed) -
     core = tight_core
     rng = np.random.default_rng(seed)
     prefixes = {g: rng.integers(3, 500, 12).tolist() for g in (1, 2)}
-    pending, aborts, wanted, finished, counts = [], {}, {}, {}, {}
+    pending: list[tuple[int, GenerationRequest]] = []
+    aborts: dict[str, int] = {}
+    wanted: dict[str, int] = {}
+    finished: dict[str, Any] = {}
+    counts: dict[str, int] = {}
     for i, (plen, new, group, abort_at, arrive) in enumerate(workload):
         prompt = (prefixes[group] if group else [])[:plen] + rng.integers(3, 500, plen).tolist()
         prompt = prompt[: max(plen, 1)]
@@ -88,9 +95,9 @@ def test_random_workloads_with_aborts_leak_nothing(tight_core, workload, seed) -
             prompt, SamplingParams(temperature=temp, seed=i), StoppingCriteria(new, ignore_eos=True), request_id=f"r{i}"
         )
         pending.append((arrive, req))
-        wanted[req.request_id] = new
+        wanted[f"r{i}"] = new
         if abort_at is not None:
-            aborts[req.request_id] = arrive + abort_at
+            aborts[f"r{i}"] = arrive + abort_at
     step = 0
     while pending or core.has_work():
         for arrive, req in [p for p in pending if p[0] <= step]:
@@ -131,7 +138,9 @@ def test_preemption_keeps_greedy_outputs() -> None:
     tight = small_core(num_blocks=16, block_size=4)
     results = {}
     for name, core in (("roomy", roomy), ("tight", tight)):
-        seqs = [core.make_sequence(GenerationRequest(p, params, stop, request_id=str(i))) for i, p in enumerate(prompts)]
+        seqs = [
+            core.make_sequence(GenerationRequest(p, params, stop, request_id=str(i))) for i, p in enumerate(prompts)
+        ]
         for s in seqs:
             core.add(s)
         while core.has_work():
@@ -146,7 +155,7 @@ def test_preemption_keeps_greedy_outputs() -> None:
 def test_decode_groups_minimize_padding_plus_per_group_cost() -> None:
     import numpy as np
 
-    from engine.batch import decode_group_sizes
+    from tandem.engine.device.batch import decode_group_sizes
 
     lengths = np.array([768, 760, 700, 300, 290, 40, 30, 20], dtype=np.int64)
     assert decode_group_sizes(lengths, cost=0) == [1] * 8  # free calls: no padding at all

@@ -1,4 +1,5 @@
 """The `tandem` console script, run as a user would."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,8 +15,18 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_streams_text() -> None:
-    res = run("generate", "--model", "tiny-llama", "Once upon a time", "--max-new-tokens", "32",
-              "--ignore-eos", "--seed", "1", "--stats")
+    res = run(
+        "generate",
+        "--model",
+        "tiny-llama",
+        "Once upon a time",
+        "--max-new-tokens",
+        "32",
+        "--ignore-eos",
+        "--seed",
+        "1",
+        "--stats",
+    )
     assert res.returncode == 0, res.stderr
     assert len(res.stdout.strip()) > 0
     assert "32 tokens" in res.stderr and "finish=length" in res.stderr

@@ -1,16 +1,20 @@
 """Streamed text deltas: exact concatenation, no broken UTF-8, stop strings across tokens."""
+
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import Engine, SamplingParams, StoppingCriteria
-from engine.detokenizer import IncrementalDetokenizer
+from tandem.engine import Engine, SamplingParams, StoppingCriteria
+from tandem.engine.host.detokenizer import IncrementalDetokenizer
 
 MULTIBYTE = "héllo wörld ☃ 中文字符 日本語 한국어 😀🚀👩‍💻 🇫🇷 ∑∫ €"
 texts = st.text(
-    alphabet=st.one_of(st.sampled_from(list(MULTIBYTE)), st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\ufffd")),
+    alphabet=st.one_of(
+        st.sampled_from(list(MULTIBYTE)),
+        st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\ufffd"),
+    ),
     min_size=1,
     max_size=60,
 )

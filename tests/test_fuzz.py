@@ -1,6 +1,7 @@
 """Property-based fuzzing of GenerateRequest against a real server: every request, however
 malformed, gets OK, INVALID_ARGUMENT naming a field, or RESOURCE_EXHAUSTED for its size, and
 the server stays healthy. TANDEM_FUZZ_EXAMPLES raises the case count (CI: 300)."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import start_server
+from helpers import start_server
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 
@@ -56,11 +57,21 @@ def requests(draw) -> pb.GenerateRequest:
     elif prompt == "huge":
         msg.token_ids.ids.extend([300] * draw(st.sampled_from([2000, 40000])))  # over the context / the message limit
     if draw(st.booleans()):
-        msg.request_id = _pick(draw, valid, st.text("abcdef0123456789-", min_size=1, max_size=40),
-                               st.one_of(st.text(max_size=20), st.just("r" * 5000)))
+        msg.request_id = _pick(
+            draw,
+            valid,
+            st.text("abcdef0123456789-", min_size=1, max_size=40),
+            st.one_of(st.text(max_size=20), st.just("r" * 5000)),
+        )
     s = msg.sampling
-    ranges = dict(temperature=(0, 2), top_p=(0.01, 1), min_p=(0, 1), repetition_penalty=(0.5, 2),
-                  presence_penalty=(-2, 2), frequency_penalty=(-2, 2))
+    ranges = dict(
+        temperature=(0, 2),
+        top_p=(0.01, 1),
+        min_p=(0, 1),
+        repetition_penalty=(0.5, 2),
+        presence_penalty=(-2, 2),
+        frequency_penalty=(-2, 2),
+    )
     for name, (lo, hi) in ranges.items():
         value = draw(_opt(st.floats(lo, hi) if valid else floats))
         if value is not None:
@@ -69,8 +80,12 @@ def requests(draw) -> pb.GenerateRequest:
         s.top_k = k
     if (seed := draw(_opt(st.integers(0, 2**64 - 1)))) is not None:
         s.seed = seed
-    bias = _pick(draw, valid, st.dictionaries(st.integers(0, 511), st.floats(-100, 100), max_size=3),
-                 st.dictionaries(i32, floats, max_size=draw(st.sampled_from([3, 400]))))
+    bias = _pick(
+        draw,
+        valid,
+        st.dictionaries(st.integers(0, 511), st.floats(-100, 100), max_size=3),
+        st.dictionaries(i32, floats, max_size=draw(st.sampled_from([3, 400]))),
+    )
     for token, value in bias.items():
         s.logit_bias[token] = value
     t = msg.stopping
@@ -78,11 +93,22 @@ def requests(draw) -> pb.GenerateRequest:
         t.max_new_tokens = n
     if (n := draw(_opt(_field(valid, st.integers(0, 1), i32)))) is not None:
         t.min_new_tokens = n
-    t.stop_strings.extend(_pick(draw, valid, st.lists(st.text(min_size=1, max_size=8), max_size=2),
-                                st.lists(st.one_of(st.text(max_size=8), st.just("x" * 300)),
-                                         max_size=draw(st.sampled_from([2, 20])))))
-    t.stop_token_ids.extend(_pick(draw, valid, st.lists(st.integers(0, 511), max_size=2),
-                                  st.lists(i32, max_size=draw(st.sampled_from([2, 80])))))
+    t.stop_strings.extend(
+        _pick(
+            draw,
+            valid,
+            st.lists(st.text(min_size=1, max_size=8), max_size=2),
+            st.lists(st.one_of(st.text(max_size=8), st.just("x" * 300)), max_size=draw(st.sampled_from([2, 20]))),
+        )
+    )
+    t.stop_token_ids.extend(
+        _pick(
+            draw,
+            valid,
+            st.lists(st.integers(0, 511), max_size=2),
+            st.lists(i32, max_size=draw(st.sampled_from([2, 80]))),
+        )
+    )
     t.ignore_eos = draw(st.booleans())
     msg.output.logprobs = draw(st.booleans())
     msg.output.top_logprobs = _pick(draw, valid, st.integers(0, 20), i32)
@@ -92,8 +118,9 @@ def requests(draw) -> pb.GenerateRequest:
 
 @pytest.fixture(scope="module")
 def fuzz_target():
-    proc, target = start_server("--model", "tiny-llama", "--max-new-tokens", "32", "--max-message-bytes",
-                                str(MAX_MESSAGE))
+    proc, target = start_server(
+        "--model", "tiny-llama", "--max-new-tokens", "32", "--max-message-bytes", str(MAX_MESSAGE)
+    )
     channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 1 << 24)])
     yield pb_grpc.GenerationServiceStub(channel), channel
     channel.close()
@@ -128,7 +155,9 @@ def test_server_is_healthy_after_the_fuzzing(fuzz_target) -> None:
     stub, channel = fuzz_target
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    ok = stub.Generate(pb.GenerateRequest(text="still here", stopping=pb.StoppingCriteria(max_new_tokens=3)), timeout=30)
+    ok = stub.Generate(
+        pb.GenerateRequest(text="still here", stopping=pb.StoppingCriteria(max_new_tokens=3)), timeout=30
+    )
     assert len(ok.token_ids) >= 1
     print(f"\nfuzz: {sum(SEEN.values())} cases: {SEEN}")
     assert sum(SEEN.values()) >= EXAMPLES and {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"} <= set(SEEN)

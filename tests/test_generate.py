@@ -1,12 +1,13 @@
 """Greedy generation of many prompts batched together equals transformers' generate alone."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_engine, random_prompts, reference_model
-from engine import Engine, SamplingParams, StoppingCriteria
+from helpers import make_engine, random_prompts, reference_model
+from tandem.engine import Engine, SamplingParams, StoppingCriteria
 
 NEW = 12
 

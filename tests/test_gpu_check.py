@@ -1,4 +1,5 @@
 """The GPU validation script keeps working: its CPU dry pass runs in CI."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_dry_pass(tmp_path) -> None:
     out = tmp_path / "gpu_check.json"
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--json", str(out)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads(out.read_text())
     assert report["sync_async_identical"] is True

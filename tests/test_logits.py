@@ -1,4 +1,5 @@
 """Our forward on ragged mixed batches equals transformers' own forward (teacher forcing)."""
+
 from __future__ import annotations
 
 import os
@@ -7,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_PRESETS, reference_model
-from engine.batch import StepBatch, StepRow
-from engine.executor import Executor
-from engine.kv_cache import KVCache, KVLayout
-from engine.model_loader import load_model
+from helpers import TINY_PRESETS, reference_model
+from tandem.engine.device.batch import StepBatch, StepRow
+from tandem.engine.device.executor import Executor
+from tandem.engine.device.kv_cache import KVCache, KVLayout
+from tandem.engine.model.loader import load_model
 
 BS = 4
 
@@ -73,7 +74,7 @@ def test_fused_cpu_decode_kernel_equals_gather_and_sdpa(kv_heads: int, heads: in
 
     import torch.nn.functional as F
 
-    from engine.paged_cpu import decode_kernel
+    from tandem.engine.device.paged_cpu import decode_kernel
 
     if os.environ.get("TANDEM_CPU_KERNEL") == "0":
         pytest.skip("the kernel is switched off (TANDEM_CPU_KERNEL=0)")
@@ -91,6 +92,12 @@ def test_fused_cpu_decode_kernel_equals_gather_and_sdpa(kv_heads: int, heads: in
     q = torch.randn(rows, heads, dim, generator=gen)
     got = kernel(q, k, v, slots, lens, dim**-0.5)
     mask = (torch.arange(width)[None] < lens[:, None])[:, None, None, :]
-    want = F.scaled_dot_product_attention(q.unsqueeze(2), k[slots].transpose(1, 2), v[slots].transpose(1, 2),
-                                          attn_mask=mask, enable_gqa=True, scale=dim**-0.5).squeeze(2)
+    want = F.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        k[slots].transpose(1, 2),
+        v[slots].transpose(1, 2),
+        attn_mask=mask,
+        enable_gqa=True,
+        scale=dim**-0.5,
+    ).squeeze(2)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

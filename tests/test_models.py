@@ -1,4 +1,5 @@
 """Model loading: presets, dtypes, and refusal of attention we would compute differently."""
+
 from __future__ import annotations
 
 import json
@@ -6,10 +7,10 @@ import json
 import pytest
 import torch
 
-from engine import SamplingParams, StoppingCriteria, UnsupportedModelError
-from conftest import make_engine
-from engine.model_loader import load_model
-from engine.presets import PRESETS, preset_path
+from helpers import make_engine
+from tandem.engine import SamplingParams, StoppingCriteria, UnsupportedModelError
+from tandem.engine.model.loader import load_model
+from tandem.engine.model.presets import PRESETS, preset_path
 
 
 def _config_dir(tmp_path, **config):
@@ -17,18 +18,29 @@ def _config_dir(tmp_path, **config):
     return str(tmp_path)
 
 
-BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=1024,
+)
 
 
 @pytest.mark.parametrize(
     "feature,config",
     [
         ("sliding_window", dict(BASE, model_type="mistral", sliding_window=64)),
-        ("attn_logit_softcapping", dict(BASE, model_type="gemma2", attn_logit_softcapping=50.0,
-                                        sliding_window=4096, head_dim=16)),
-        ("sliding_window", dict(BASE, model_type="qwen2", use_sliding_window=True, sliding_window=32,
-                                max_window_layers=1)),
+        (
+            "attn_logit_softcapping",
+            dict(BASE, model_type="gemma2", attn_logit_softcapping=50.0, sliding_window=4096, head_dim=16),
+        ),
+        (
+            "sliding_window",
+            dict(BASE, model_type="qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=1),
+        ),
         ("layer_types", dict(BASE, model_type="qwen3_next")),
     ],
 )
@@ -58,5 +70,7 @@ def test_presets_are_plain_hf_directories() -> None:
 def test_half_precision_runs(dtype) -> None:
     with make_engine(model="tiny-qwen2", dtype=dtype, device="cpu") as eng:
         assert eng.core.executor.kv.k.dtype == getattr(torch, dtype)
-        out = eng.generate([[5, 6, 7, 8]], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=8, ignore_eos=True))
+        out = eng.generate(
+            [[5, 6, 7, 8]], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=8, ignore_eos=True)
+        )
         assert len(out[0].token_ids) == 8

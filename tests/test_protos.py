@@ -1,4 +1,5 @@
 """The API definition: buf lint passes and the committed generated code is current."""
+
 from __future__ import annotations
 
 import filecmp
@@ -19,8 +20,20 @@ def test_buf_lint() -> None:
 def test_generated_code_is_current(tmp_path) -> None:
     shutil.copytree(ROOT / "protos", tmp_path / "protos")
     protos = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "protos").rglob("*.proto"))
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Iprotos", "--python_out=.", "--pyi_out=.",
-                    "--grpc_python_out=.", *protos], cwd=tmp_path, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iprotos",
+            "--python_out=.",
+            "--pyi_out=.",
+            "--grpc_python_out=.",
+            *protos,
+        ],
+        cwd=tmp_path,
+        check=True,
+    )
     fresh = sorted(p.name for p in (tmp_path / "tandem" / "v1").glob("*.py*"))
     committed = sorted(p.name for p in (ROOT / "tandem" / "v1").glob("*.py*") if p.name != "__init__.py")
     assert fresh == committed
@@ -32,11 +45,20 @@ def test_generated_code_is_current(tmp_path) -> None:
 
 def test_buf_breaking_against_the_previous_commit() -> None:
     """FILE-level breaking changes against the last commit that had protos (none: nothing to compare)."""
-    git = subprocess.run(["git", "log", "-n", "1", "--skip", "1", "--format=%H", "--", ":(glob)protos/**/*.proto"],
-                         cwd=ROOT, capture_output=True, text=True)
+    git = subprocess.run(
+        ["git", "log", "-n", "1", "--skip", "1", "--format=%H", "--", ":(glob)protos/**/*.proto"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     previous = git.stdout.strip()
     if git.returncode != 0 or not previous:
         return  # a shallow clone, or the protos' first commit: no earlier API to break
-    res = subprocess.run([str(BIN / "buf"), "breaking", "--against", f".git#ref={previous}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(BIN / "buf"), "breaking", "--against", f".git#ref={previous}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stdout + res.stderr

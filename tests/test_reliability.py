@@ -3,6 +3,7 @@
 Each test prints its figures (run with -s to see them); docs/RELIABILITY.md records them.
 TANDEM_SOAK_STREAMS / TANDEM_SOAK_ROUNDS make the soak test longer than CI's.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,14 +15,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import METRICS, make_engine, server_log, start_server
-from engine import SamplingParams, StoppingCriteria
+from helpers import METRICS, make_engine, server_log, start_server
+from tandem.engine import SamplingParams, StoppingCriteria
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 from tandem.v1 import info_pb2, info_pb2_grpc
@@ -57,9 +59,12 @@ def _health(target: str) -> int:
 
 
 def _ids_request(prompt: list[int], n: int, request_id: str = "") -> pb.GenerateStreamRequest:
-    return pb.GenerateStreamRequest(request_id=request_id, token_ids=pb.TokenIds(ids=prompt),
-                                    sampling=pb.SamplingParams(temperature=0),
-                                    stopping=pb.StoppingCriteria(max_new_tokens=n, ignore_eos=True))
+    return pb.GenerateStreamRequest(
+        request_id=request_id,
+        token_ids=pb.TokenIds(ids=prompt),
+        sampling=pb.SamplingParams(temperature=0),
+        stopping=pb.StoppingCriteria(max_new_tokens=n, ignore_eos=True),
+    )
 
 
 def _reference(prompts: list[list[int]], lens: list[int]) -> list[list[int]]:
@@ -70,7 +75,9 @@ def _reference(prompts: list[list[int]], lens: list[int]) -> list[list[int]]:
 
 # -- load -----------------------------------------------------------------------------------
 async def _soak_round(target: str, prompts, lens, kinds, rng) -> dict:
-    figures = dict(streams=len(prompts), tokens=0, completed=0, cancelled=0, deadline=0, aborted=0, statuses={})
+    figures: dict[str, Any] = dict(
+        streams=len(prompts), tokens=0, completed=0, cancelled=0, deadline=0, aborted=0, statuses={}
+    )
     outputs: list[list[int] | None] = [None] * len(prompts)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
@@ -134,10 +141,12 @@ def test_soak_streams_cancels_deadlines_aborts_lose_nothing_and_leak_nothing() -
             assert leaked == 0 and load.running == load.waiting == 0
             assert load.kv_blocks_free == load.kv_blocks_total  # free counts cached blocks (evictable)
             assert figures["cancelled"] >= streams // 10 and figures["aborted"] > 0
-            print(f"\nsoak: {figures['streams']} streams, {figures['tokens']} tokens, {len(checked)} completed "
-                  f"streams equal to offline, {figures['cancelled']} cancelled, {figures['deadline']} deadline hits, "
-                  f"{figures['aborted']} aborted, statuses {figures['statuses']}, leaked blocks {leaked}, "
-                  f"{time.perf_counter() - start:.1f} s")
+            print(
+                f"\nsoak: {figures['streams']} streams, {figures['tokens']} tokens, {len(checked)} completed "
+                f"streams equal to offline, {figures['cancelled']} cancelled, {figures['deadline']} deadline hits, "
+                f"{figures['aborted']} aborted, statuses {figures['statuses']}, leaked blocks {leaked}, "
+                f"{time.perf_counter() - start:.1f} s"
+            )
         assert _health(target) == health_pb2.HealthCheckResponse.SERVING
     finally:
         _stop(proc)
@@ -167,8 +176,9 @@ def _streams_under_fault(target: str, n: int) -> tuple[list[str], float]:
 @pytest.mark.parametrize("fault,code", [("raise", "INTERNAL"), ("hang", "UNAVAILABLE")])
 def test_engine_fault_ends_every_stream_turns_not_serving_and_exits_nonzero(fault, code) -> None:
     # Warm-up takes two forward steps; the 12th is mid-generation for every stream.
-    proc, target = start_server("--model", "tiny-llama", "--step-timeout", "2",
-                                env={"TANDEM_TEST_FAULT": f"{fault}:12"})
+    proc, target = start_server(
+        "--model", "tiny-llama", "--step-timeout", "2", env={"TANDEM_TEST_FAULT": f"{fault}:12"}
+    )
     try:
         channel = grpc.insecure_channel(target)
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
@@ -211,6 +221,7 @@ def _timed_requests(target: str, n: int) -> float:
 def test_a_client_that_stops_reading_blocks_nobody(small_queue_server) -> None:
     _, target = small_queue_server
     baseline = _timed_requests(target, 6)
+
     async def stalled_reader():
         async with grpc.aio.insecure_channel(target) as channel:
             # Text output without being read: far more than the HTTP/2 window ever in flight.
@@ -242,8 +253,13 @@ def test_a_dropped_connection_frees_its_request(small_queue_server) -> None:
         "print('reading', flush=True)\n"
         "os.kill(os.getpid(), 9)\n"
     )
-    client = subprocess.run([sys.executable, "-c", script, target], capture_output=True, text=True, timeout=60,
-                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    client = subprocess.run(
+        [sys.executable, "-c", script, target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert "reading" in client.stdout and client.returncode == -9
     load = _settled(target, 30)
     assert load.running == 0 and load.kv_blocks_used == 0
@@ -266,8 +282,12 @@ def test_a_burst_of_1000_requests_is_admitted_or_refused_and_memory_stays_bounde
 
             async def one(i):
                 try:
-                    await stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[4 + i % 500, 5]),
-                                                           stopping=pb.StoppingCriteria(max_new_tokens=4)), timeout=120)
+                    await stub.Generate(
+                        pb.GenerateRequest(
+                            token_ids=pb.TokenIds(ids=[4 + i % 500, 5]), stopping=pb.StoppingCriteria(max_new_tokens=4)
+                        ),
+                        timeout=120,
+                    )
                     return "OK"
                 except grpc.aio.AioRpcError as exc:
                     return exc.code().name
@@ -295,13 +315,17 @@ def test_kv_exhaustion_under_load_preempts_and_every_request_finishes() -> None:
     # 24 blocks of 16 tokens: room for about 4 of these requests at once, 24 arrive together.
     proc, target = start_server("--model", "tiny-llama", "--kv-blocks", "24", "--metrics-port", "0")
     try:
+
         async def run():
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = pb_grpc.GenerationServiceStub(channel)
 
                 async def one(i):
-                    return [t async for r in stub.GenerateStream(_ids_request(prompts[i], lens[i]), timeout=300)
-                            for t in r.token_ids]
+                    return [
+                        t
+                        async for r in stub.GenerateStream(_ids_request(prompts[i], lens[i]), timeout=300)
+                        for t in r.token_ids
+                    ]
 
                 return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
@@ -310,10 +334,14 @@ def test_kv_exhaustion_under_load_preempts_and_every_request_finishes() -> None:
         seconds = time.perf_counter() - start
         assert got == want
         metrics = urllib.request.urlopen(f"http://{METRICS[target]}/metrics", timeout=10).read().decode()
-        preemptions = float(re.search(r"^tandem_preemptions_total (\S+)", metrics, re.M).group(1))
+        found = re.search(r"^tandem_preemptions_total (\S+)", metrics, re.M)
+        assert found is not None, metrics
+        preemptions = float(found.group(1))
         assert preemptions > 0
         assert _settled(target).kv_blocks_used == 0
-        print(f"\nKV exhaustion: 24 requests over a 24-block pool finished in {seconds:.1f} s, "
-              f"{preemptions:.0f} preemptions, outputs equal to offline")
+        print(
+            f"\nKV exhaustion: 24 requests over a 24-block pool finished in {seconds:.1f} s, "
+            f"{preemptions:.0f} preemptions, outputs equal to offline"
+        )
     finally:
         _stop(proc)

@@ -1,13 +1,16 @@
 """Sampling: seeded determinism under batching, filters, penalties, bias, logprobs."""
+
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 
-from conftest import random_prompts
-from engine import Engine, OutputOptions, SamplingParams, StoppingCriteria
-from engine.request import GenerationRequest
-from engine.sampling import SampleSpec, apply_processors, build_sampling, sample
+from helpers import random_prompts
+from tandem.engine import Engine, OutputOptions, SamplingParams, StoppingCriteria
+from tandem.engine.device.sampling import SampleSpec, SamplingTensors, apply_processors, build_sampling, sample
+from tandem.engine.request import GenerationRequest, TokenLogprob
 
 STOP = StoppingCriteria(max_new_tokens=16, ignore_eos=True)
 
@@ -57,7 +60,7 @@ def test_logprobs_are_the_model_distribution(engine: Engine) -> None:
     out = engine.generate(
         [list(range(20, 30))], SamplingParams(temperature=0), STOP, OutputOptions(logprobs=True, top_logprobs=3)
     )[0]
-    assert len(out.logprobs) == 16
+    assert out.logprobs is not None and len(out.logprobs) == 16
     for token, lp in zip(out.token_ids, out.logprobs):
         assert lp.token_id == token and lp.logprob <= 0
         assert [t for t, _ in lp.top][0] == token  # greedy picks the top-1
@@ -66,7 +69,7 @@ def test_logprobs_are_the_model_distribution(engine: Engine) -> None:
         assert values == sorted(values, reverse=True)
 
 
-def _tensors(params: list[SamplingParams], **spec) -> object:
+def _tensors(params: list[SamplingParams], **spec: Any) -> SamplingTensors:
     specs = [SampleSpec(p, num_generated=i, **spec) for i, p in enumerate(params)]
     return build_sampling(specs, torch.device("cpu"), np.random.default_rng(0))
 
@@ -92,9 +95,7 @@ def test_draws_follow_the_filtered_distribution() -> None:
         (SamplingParams(temperature=1.0, top_p=0.8), [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]),
         (SamplingParams(temperature=1.0, min_p=0.35), [5 / 7, 2 / 7, 0, 0, 0]),
     ):
-        st = build_sampling(
-            [SampleSpec(params, 0)] * n, torch.device("cpu"), np.random.default_rng(0)
-        )
+        st = build_sampling([SampleSpec(params, 0)] * n, torch.device("cpu"), np.random.default_rng(0))
         tokens = sample(logits.expand(n, -1), st).tokens
         freq = torch.bincount(tokens, minlength=5).double() / n
         assert torch.allclose(freq, torch.tensor(expected, dtype=torch.float64), atol=0.015), (params, freq)
@@ -114,8 +115,9 @@ def test_stream_yields_deltas(engine: Engine) -> None:
 def test_top_p_applies_to_the_renormalized_top_k() -> None:
     logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
     n = 20000
-    st = build_sampling([SampleSpec(SamplingParams(top_k=3, top_p=0.75), 0)] * n, torch.device("cpu"),
-                        np.random.default_rng(1))
+    st = build_sampling(
+        [SampleSpec(SamplingParams(top_k=3, top_p=0.75), 0)] * n, torch.device("cpu"), np.random.default_rng(1)
+    )
     freq = torch.bincount(sample(logits.expand(n, -1), st).tokens, minlength=5).double() / n
     assert torch.allclose(freq, torch.tensor([5 / 7, 2 / 7, 0, 0, 0], dtype=torch.float64), atol=0.015)
 
@@ -132,15 +134,19 @@ def test_degenerate_rows_still_give_a_valid_token() -> None:
 def test_each_request_gets_its_own_number_of_top_logprobs(engine: Engine) -> None:
     import threading
 
-    got, done = {}, threading.Semaphore(0)
+    got: dict[str, list[TokenLogprob]] = {}
+    done = threading.Semaphore(0)
 
     def sink(out):
         got.setdefault(out.request_id, []).extend(out.logprobs or [])
         if out.finished:
             done.release()
 
-    for rid, opts in (("five", OutputOptions(logprobs=True, top_logprobs=5)),
-                      ("two", OutputOptions(top_logprobs=2)), ("none", OutputOptions(logprobs=True))):
+    for rid, opts in (
+        ("five", OutputOptions(logprobs=True, top_logprobs=5)),
+        ("two", OutputOptions(top_logprobs=2)),
+        ("none", OutputOptions(logprobs=True)),
+    ):
         engine.submit(GenerationRequest([4, 5, 6], SamplingParams(temperature=0), STOP, opts, request_id=rid), sink)
     for _ in range(3):
         done.acquire()

@@ -1,4 +1,5 @@
 """The scheduler plugin API: registry, checked decisions, built-in policies, the example plugin."""
+
 from __future__ import annotations
 
 import importlib
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import small_core
-from engine import EngineDeadError, GenerationRequest, StoppingCriteria
-from schedulers import (
+from helpers import small_core
+from tandem.engine import EngineDeadError, GenerationRequest, StoppingCriteria
+from tandem.schedulers import (
     ENTRY_POINT_GROUP,
     Scheduler,
     SchedulerError,
@@ -20,9 +21,9 @@ from schedulers import (
     available_schedulers,
     load_scheduler,
     parse_options,
+    registry,
 )
-from schedulers import registry
-from schedulers.testing import check_scheduler
+from tandem.schedulers.testing import check_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,8 +80,11 @@ def _core_with(script, **kw):
 
 
 def _add(core, rid: str, n: int = 8) -> None:
-    core.add(core.make_sequence(GenerationRequest(list(range(4, 4 + n)), request_id=rid,
-                                                  stopping=StoppingCriteria(4, ignore_eos=True))))
+    core.add(
+        core.make_sequence(
+            GenerationRequest(list(range(4, 4 + n)), request_id=rid, stopping=StoppingCriteria(4, ignore_eos=True))
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -111,7 +115,9 @@ def test_kv_overcommit_and_finished_requests_are_refused() -> None:
         for r in ctx.waiting:
             ctx.schedule(r, r.remaining)
 
-    core = _core_with(greedy_hoard, )
+    core = _core_with(
+        greedy_hoard,
+    )
     core.config.max_num_seqs = 8
     core.config.max_batch_tokens = 64
     for i in range(3):
@@ -126,7 +132,7 @@ def test_kv_overcommit_and_finished_requests_are_refused() -> None:
 
 
 def test_a_refused_decision_fails_the_engine_with_the_plugin_named() -> None:
-    from engine import Engine, EngineConfig
+    from tandem.engine import Engine, EngineConfig
 
     with Engine(EngineConfig(model="tiny-llama"), Scripted(lambda ctx: ctx.schedule(ctx.waiting[0], -1))) as eng:
         with pytest.raises(EngineDeadError, match="scheduler 'scripted'"):
@@ -145,7 +151,7 @@ def test_unknown_scheduler_and_options_list_the_valid_ones() -> None:
         load_scheduler("prefill-priority", {"max_decode_stall": "0"})
     with pytest.raises(SchedulerLoadError, match="key=value"):
         parse_options(["oops"])
-    assert load_scheduler("prefill-priority", parse_options(["max_decode_stall=7"])).max_decode_stall == 7
+    assert load_scheduler("prefill-priority", parse_options(["max_decode_stall=7"])).max_decode_stall == 7  # type: ignore[attr-defined]
 
 
 class FutureApi(Scheduler):
@@ -167,9 +173,18 @@ def test_api_version_mismatch_is_refused_at_load(monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def sjf_installed():
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         str(ROOT / "examples" / "scheduler-plugin")],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(ROOT / "examples" / "scheduler-plugin"),
+        ],
+        check=True,
+        capture_output=True,
     )
     importlib.invalidate_caches()
     yield
@@ -183,16 +198,34 @@ def test_example_plugin_runs_by_its_entry_point_name(sjf_installed) -> None:
     tandem = Path(sys.executable).parent / "tandem"
     listing = subprocess.run([str(tandem), "schedulers"], capture_output=True, text=True, check=True).stdout
     assert [line.split()[0] for line in listing.splitlines()] == ["async-overlap", "fcfs", "prefill-priority", "sjf"]
-    gen = subprocess.run([str(tandem), "generate", "Hello", "--scheduler", "sjf", "--scheduler-opt", "aging=2",
-                          "--max-new-tokens", "8", "--ignore-eos", "--stats"], capture_output=True, text=True)
+    gen = subprocess.run(
+        [
+            str(tandem),
+            "generate",
+            "Hello",
+            "--scheduler",
+            "sjf",
+            "--scheduler-opt",
+            "aging=2",
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--stats",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert gen.returncode == 0 and "8 tokens" in gen.stderr, gen.stderr
 
 
 def test_sjf_runs_short_jobs_first(sjf_installed) -> None:
     core = small_core(num_blocks=64, block_size=4, max_batch_tokens=16, max_num_seqs=1, scheduler="sjf")
     for rid, n in (("long", 40), ("short", 6), ("mid", 12)):
-        core.add(core.make_sequence(GenerationRequest(list(range(4, 4 + n)), request_id=rid,
-                                                      stopping=StoppingCriteria(2, ignore_eos=True))))
+        core.add(
+            core.make_sequence(
+                GenerationRequest(list(range(4, 4 + n)), request_id=rid, stopping=StoppingCriteria(2, ignore_eos=True))
+            )
+        )
     order = []
     while core.has_work():
         order += [o.request_id for o in core.step() if o.finished]

@@ -1,4 +1,5 @@
 """TLS, mutual TLS and bearer tokens on real server processes, with certificates made here."""
+
 from __future__ import annotations
 
 import datetime
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import BIN, server_log, start_server
+from helpers import BIN, server_log, start_server
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 
@@ -26,21 +27,28 @@ PROMPT = "quokka sentinel phrase"
 def _pem(obj) -> bytes:
     if isinstance(obj, x509.Certificate):
         return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return obj.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert(name: str, key, issuer_name: str, issuer_key, ca: bool = False, server: bool = False):
     now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -77,9 +85,14 @@ def _secure(target: str, pki, client: str | None = None) -> grpc.Channel:
 def _generate(channel: grpc.Channel, token: str | None = None) -> pb.GenerateResponse:
     metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
     return pb_grpc.GenerationServiceStub(channel).Generate(
-        pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(temperature=0),
-                           stopping=pb.StoppingCriteria(max_new_tokens=4, ignore_eos=True)),
-        metadata=metadata, timeout=30)
+        pb.GenerateRequest(
+            text=PROMPT,
+            sampling=pb.SamplingParams(temperature=0),
+            stopping=pb.StoppingCriteria(max_new_tokens=4, ignore_eos=True),
+        ),
+        metadata=metadata,
+        timeout=30,
+    )
 
 
 def _code(fn) -> grpc.StatusCode:
@@ -91,8 +104,16 @@ def _code(fn) -> grpc.StatusCode:
 
 
 def test_tls_with_bearer_tokens(pki) -> None:
-    proc, target = start_server("--model", "tiny-llama", "--tls-cert", str(pki["server"]), "--tls-key",
-                                str(pki["server_key"]), "--auth-token-file", str(pki["tokens"]))
+    proc, target = start_server(
+        "--model",
+        "tiny-llama",
+        "--tls-cert",
+        str(pki["server"]),
+        "--tls-key",
+        str(pki["server_key"]),
+        "--auth-token-file",
+        str(pki["tokens"]),
+    )
     try:
         with _secure(target, pki) as channel:
             assert len(_generate(channel, TOKEN).token_ids) == 4
@@ -103,9 +124,25 @@ def test_tls_with_bearer_tokens(pki) -> None:
             # Probes need no token.
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
-        cli = subprocess.run([str(BIN / "tandem"), "generate", PROMPT, "--target", target, "--tls-ca", str(pki["ca"]),
-                              "--auth-token-file", str(pki["tokens"]), "--max-new-tokens", "3", "--stats"],
-                             capture_output=True, text=True, timeout=120)
+        cli = subprocess.run(
+            [
+                str(BIN / "tandem"),
+                "generate",
+                PROMPT,
+                "--target",
+                target,
+                "--tls-ca",
+                str(pki["ca"]),
+                "--auth-token-file",
+                str(pki["tokens"]),
+                "--max-new-tokens",
+                "3",
+                "--stats",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cli.returncode == 0 and "3 tokens" in cli.stderr, cli.stderr
         with grpc.insecure_channel(target) as plain:  # a plaintext client cannot talk to a TLS port
             assert _code(lambda: _generate(plain, TOKEN)) == grpc.StatusCode.UNAVAILABLE
@@ -119,8 +156,17 @@ def test_tls_with_bearer_tokens(pki) -> None:
 
 
 def test_mutual_tls_refuses_clients_without_a_trusted_certificate(pki) -> None:
-    proc, target = start_server("--model", "tiny-llama", "--tls-cert", str(pki["server"]), "--tls-key",
-                                str(pki["server_key"]), "--tls-client-ca", str(pki["ca"]), "--log-prompts")
+    proc, target = start_server(
+        "--model",
+        "tiny-llama",
+        "--tls-cert",
+        str(pki["server"]),
+        "--tls-key",
+        str(pki["server_key"]),
+        "--tls-client-ca",
+        str(pki["ca"]),
+        "--log-prompts",
+    )
     try:
         with _secure(target, pki, "client") as channel:
             assert len(_generate(channel).token_ids) == 4

@@ -1,4 +1,5 @@
 """The gRPC service, through a real server process on loopback."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -15,8 +17,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from conftest import METRICS, make_engine, server_log, start_server
-from engine import SamplingParams, StoppingCriteria
+from helpers import METRICS, make_engine, server_log, start_server
+from tandem.engine import SamplingParams, StoppingCriteria
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 
@@ -44,13 +46,18 @@ def offline():
 
 
 def _greedy(text: str, n: int, **kw) -> pb.GenerateStreamRequest:
-    return pb.GenerateStreamRequest(text=text, sampling=pb.SamplingParams(temperature=0),
-                                    stopping=pb.StoppingCriteria(max_new_tokens=n, ignore_eos=True), **kw)
+    return pb.GenerateStreamRequest(
+        text=text,
+        sampling=pb.SamplingParams(temperature=0),
+        stopping=pb.StoppingCriteria(max_new_tokens=n, ignore_eos=True),
+        **kw,
+    )
 
 
 def test_stream_and_unary_equal_the_offline_engine(stub, offline) -> None:
-    want = offline.generate(["Once upon a time"], SamplingParams(temperature=0),
-                            StoppingCriteria(max_new_tokens=24, ignore_eos=True))[0]
+    want = offline.generate(
+        ["Once upon a time"], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=24, ignore_eos=True)
+    )[0]
     call = stub.GenerateStream(_greedy("Once upon a time", 24), metadata=(("x-request-id", "abc-123"),))
     responses = list(call)
     assert dict(call.initial_metadata())["x-request-id"] == "abc-123"
@@ -61,8 +68,13 @@ def test_stream_and_unary_equal_the_offline_engine(stub, offline) -> None:
     assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 24
     assert last.timings.time_to_first_token_seconds > 0
     assert 0 < last.timings.queue_seconds <= last.timings.time_to_first_token_seconds
-    unary = stub.Generate(pb.GenerateRequest(text="Once upon a time", sampling=pb.SamplingParams(temperature=0),
-                                             stopping=pb.StoppingCriteria(max_new_tokens=24, ignore_eos=True)))
+    unary = stub.Generate(
+        pb.GenerateRequest(
+            text="Once upon a time",
+            sampling=pb.SamplingParams(temperature=0),
+            stopping=pb.StoppingCriteria(max_new_tokens=24, ignore_eos=True),
+        )
+    )
     assert list(unary.token_ids) == want.token_ids and unary.text == want.text
 
 
@@ -71,14 +83,17 @@ def test_tokenize(stub, offline) -> None:
     assert list(got.token_ids) == offline.tokenizer.encode("héllo 😀", add_special_tokens=False)
 
 
-@pytest.mark.parametrize("request_kwargs,field", [
-    (dict(text="hi", sampling=pb.SamplingParams(top_p=2.0)), "sampling.top_p"),
-    (dict(), "prompt"),
-    (dict(text=""), "text"),
-    (dict(token_ids=pb.TokenIds(ids=[5, 99999])), "token_ids.ids"),
-    (dict(text="hi", stopping=pb.StoppingCriteria(max_new_tokens=0)), "stopping.max_new_tokens"),
-    (dict(text="hi", sampling=pb.SamplingParams(temperature=-1)), "sampling.temperature"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs,field",
+    [
+        (dict(text="hi", sampling=pb.SamplingParams(top_p=2.0)), "sampling.top_p"),
+        (dict(), "prompt"),
+        (dict(text=""), "text"),
+        (dict(token_ids=pb.TokenIds(ids=[5, 99999])), "token_ids.ids"),
+        (dict(text="hi", stopping=pb.StoppingCriteria(max_new_tokens=0)), "stopping.max_new_tokens"),
+        (dict(text="hi", sampling=pb.SamplingParams(temperature=-1)), "sampling.temperature"),
+    ],
+)
 def test_bad_requests_get_invalid_argument_naming_the_field(stub, request_kwargs, field) -> None:
     with pytest.raises(grpc.RpcError) as info:
         list(stub.GenerateStream(pb.GenerateStreamRequest(**request_kwargs)))
@@ -97,11 +112,15 @@ def test_health_is_serving(server) -> None:
 
 
 def test_cancel_and_abort_leave_other_streams_alone(stub, offline) -> None:
-    want = offline.generate(["steady"], SamplingParams(temperature=0),
-                            StoppingCriteria(max_new_tokens=40, ignore_eos=True))[0].token_ids
-    result = {}
-    steady = threading.Thread(target=lambda: result.setdefault(
-        "tokens", [t for r in stub.GenerateStream(_greedy("steady", 40)) for t in r.token_ids]))
+    want = offline.generate(
+        ["steady"], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=40, ignore_eos=True)
+    )[0].token_ids
+    result: dict[str, Any] = {}
+    steady = threading.Thread(
+        target=lambda: result.setdefault(
+            "tokens", [t for r in stub.GenerateStream(_greedy("steady", 40)) for t in r.token_ids]
+        )
+    )
     steady.start()
     cancelled = stub.GenerateStream(_greedy("to cancel", 500))
     next(cancelled)
@@ -121,9 +140,21 @@ def test_cancel_and_abort_leave_other_streams_alone(stub, offline) -> None:
 
 def test_buf_curl_through_reflection(server) -> None:
     body = json.dumps({"text": "Hello", "stopping": {"max_new_tokens": 8}})
-    res = subprocess.run([str(BIN / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", body,
-                          f"http://{server}/tandem.v1.GenerationService/GenerateStream"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [
+            str(BIN / "buf"),
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "-d",
+            body,
+            f"http://{server}/tandem.v1.GenerationService/GenerateStream",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert "finishReason" in res.stdout and "tokenIds" in res.stdout
 
@@ -143,7 +174,8 @@ def test_sigterm_finishes_in_flight_streams_and_exits_zero() -> None:
         with grpc.insecure_channel(target) as channel:
             with pytest.raises(grpc.RpcError):
                 pb_grpc.GenerationServiceStub(channel).Generate(
-                    pb.GenerateRequest(text="late", stopping=pb.StoppingCriteria(max_new_tokens=2)), timeout=5)
+                    pb.GenerateRequest(text="late", stopping=pb.StoppingCriteria(max_new_tokens=2)), timeout=5
+                )
         assert proc.wait(30) == 0
         events = [json.loads(line) for line in server_log(proc).splitlines() if line.startswith("{")]
         finished = [e for e in events if e["event"] == "request_finished"]
@@ -173,7 +205,11 @@ def test_info_service_and_blocks_back_after_cancel(server, stub) -> None:
     info_pb2, info = _info(server)
     model = info.GetModelInfo(info_pb2.GetModelInfoRequest())
     assert (model.name, model.architecture, model.context_length, model.vocab_size) == (
-        "tiny-llama", "LlamaForCausalLM", 1024, 512)
+        "tiny-llama",
+        "LlamaForCausalLM",
+        1024,
+        512,
+    )
     assert list(model.eos_token_ids) == [1] and model.dtype == "float32" and model.device == "cpu"
     server_info = info.GetServerInfo(info_pb2.GetServerInfoRequest())
     assert server_info.scheduler == "fcfs" and server_info.max_waiting == 1024 and server_info.kv_blocks > 0
@@ -214,15 +250,35 @@ def test_full_queue_gets_resource_exhausted_with_retry_info() -> None:
 
 
 def test_generate_target_streams_from_the_server(server, offline) -> None:
-    want = offline.generate(["Hello there"], SamplingParams(temperature=0),
-                            StoppingCriteria(max_new_tokens=16, ignore_eos=True))[0]
-    res = subprocess.run([str(BIN / "tandem"), "generate", "Hello there", "--target", server, "--temperature", "0",
-                          "--max-new-tokens", "16", "--ignore-eos", "--stats"], capture_output=True, text=True,
-                         timeout=120)
+    want = offline.generate(
+        ["Hello there"], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=16, ignore_eos=True)
+    )[0]
+    res = subprocess.run(
+        [
+            str(BIN / "tandem"),
+            "generate",
+            "Hello there",
+            "--target",
+            server,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "16",
+            "--ignore-eos",
+            "--stats",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout == want.text + "\n" and "16 tokens" in res.stderr
-    bad = subprocess.run([str(BIN / "tandem"), "generate", "x", "--target", server, "--top-p", "3"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [str(BIN / "tandem"), "generate", "x", "--target", server, "--top-p", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "sampling.top_p" in bad.stderr
 
 
@@ -231,13 +287,23 @@ def test_prometheus_metrics(server, stub) -> None:
 
     list(stub.GenerateStream(_greedy("metrics", 4)))
     body = urllib.request.urlopen(f"http://{METRICS[server]}/metrics", timeout=10).read().decode()
-    values = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in body.splitlines()
-              if line and not line.startswith("#")}
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[-1])
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
     assert values['tandem_requests_total{code="OK",finish_reason="length"}'] >= 1
     assert values["tandem_time_to_first_token_seconds_count"] >= 1
     assert values["tandem_steps_total"] > 0 and values["tandem_kv_blocks_total"] > 0
-    for name in ("tandem_waiting_requests", "tandem_running_requests", "tandem_kv_usage_ratio",
-                 "tandem_prefix_cache_hit_ratio", "tandem_device_idle_ratio", "tandem_mean_step_tokens",
-                 "tandem_mean_step_seconds",
-                 "tandem_inter_token_latency_seconds_count", "tandem_e2e_latency_seconds_count"):
+    for name in (
+        "tandem_waiting_requests",
+        "tandem_running_requests",
+        "tandem_kv_usage_ratio",
+        "tandem_prefix_cache_hit_ratio",
+        "tandem_device_idle_ratio",
+        "tandem_mean_step_tokens",
+        "tandem_mean_step_seconds",
+        "tandem_inter_token_latency_seconds_count",
+        "tandem_e2e_latency_seconds_count",
+    ):
         assert name in values, name

@@ -1,17 +1,25 @@
 """Every invalid input gets an error naming its field; other requests keep running."""
+
 from __future__ import annotations
 
 import math
 import threading
+from typing import Any
 
 import pytest
 
-from conftest import make_engine
-
-from engine import Engine, GenerationRequest, InvalidRequestError, OutputOptions, SamplingParams, StoppingCriteria
+from helpers import make_engine
+from tandem.engine import (
+    Engine,
+    GenerationRequest,
+    InvalidRequestError,
+    OutputOptions,
+    SamplingParams,
+    StoppingCriteria,
+)
 
 S, T = SamplingParams, StoppingCriteria
-CASES = [
+CASES: list[tuple[str, dict[str, Any]]] = [
     ("prompt", dict(prompt="")),
     ("prompt", dict(prompt=[])),
     ("prompt.token_ids", dict(prompt=[5, 512])),
@@ -69,7 +77,7 @@ def test_bad_requests_do_not_disturb_running_ones(engine: Engine) -> None:
 
     stop = StoppingCriteria(max_new_tokens=60, ignore_eos=True)
     engine.submit(GenerationRequest(list(range(3, 40)), SamplingParams(temperature=0), stop), sink)
-    for field, kwargs in CASES:
+    for _field, kwargs in CASES:
         with pytest.raises(InvalidRequestError):
             engine.submit(GenerationRequest(**{"prompt": [5, 6, 7], **kwargs}), lambda out: None)
     assert done.wait(60)

@@ -1,8 +1,8 @@
 """Shortest job first, with priority and aging: an example tandem scheduler plugin."""
+
 from __future__ import annotations
 
-from schedulers import API_VERSION, RequestView, Scheduler, StepContext
-from schedulers.steps import admit_waiting, continue_running
+from tandem.schedulers import API_VERSION, RequestView, Scheduler, StepContext, admit_waiting, continue_running
 
 
 class ShortestJobFirst(Scheduler):

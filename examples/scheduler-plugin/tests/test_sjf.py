@@ -1,7 +1,9 @@
 """How a plugin tests itself: tandem's conformance kit, plus its own behaviour."""
-from schedulers import load_scheduler
-from schedulers.testing import check_scheduler
+
 from tandem_sjf import ShortestJobFirst
+
+from tandem.schedulers import load_scheduler
+from tandem.schedulers.testing import check_scheduler
 
 
 def test_conformance() -> None:

@@ -1,0 +1,185 @@
+"""`tandem bench offline` and `tandem bench serve`: the flags, and the reports printed and plotted."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from tandem.bench.offline import TANDEM_SYSTEMS
+from tandem.bench.workloads import NAMES
+from tandem.service.logs import configure_logging
+
+EXTRA = "bench"
+EXTRA_MODULES = ("matplotlib", "psutil")  # plots; transformers' continuous batching asks for psutil
+PEERS = ["hf-fifo", "hf-prefill-first", "hf-async-fifo", "hf-static"]
+
+
+def missing_extra() -> list[str]:
+    return [name for name in EXTRA_MODULES if importlib.util.find_spec(name) is None]
+
+
+def cmd_offline(args: argparse.Namespace) -> int:
+    from tandem.bench.offline import bench_offline, table
+
+    report = bench_offline(
+        args.model,
+        args.workload,
+        args.systems,
+        args.peers,
+        args.static_batch,
+        args.device,
+        args.dtype,
+        args.json,
+        args.seed,
+        args.requests,
+        args.repeats,
+        not args.no_tune,
+        args.tune_requests,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        hf_grid=[_hf_setting(item) for item in args.hf_grid] or None,
+    )
+    w = report["workload"]
+    print(
+        f"workload {w['name']}: {w['requests']} requests, {w['prompt_tokens']} prompt tokens, "
+        f"{w['output_tokens']} output tokens; {report['environment']}"
+    )
+    print(table(report))
+    _plots(report, args.plots)
+    return 0
+
+
+def _hf_setting(item: str) -> dict[str, int]:
+    """`TOKENS:REQUESTS` -> generate_batch's max_batch_tokens and max_requests_per_batch."""
+    tokens, sep, reqs = item.partition(":")
+    if not (sep and tokens.isdigit() and reqs.isdigit()):
+        raise ValueError(f"--hf-grid: expected MAX_BATCH_TOKENS:MAX_REQUESTS_PER_BATCH, got {item!r}")
+    return dict(max_batch_tokens=int(tokens), max_requests_per_batch=int(reqs))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tandem.bench.serve import bench_serve, table
+
+    rates = [float(r) for r in args.rate]  # a bad rate is a ValueError: main() reports it, exit 2
+    report = bench_serve(
+        args.workload,
+        rates,
+        args.concurrency,
+        args.target,
+        args.model,
+        tuple(args.schedulers),
+        args.requests,
+        args.seed,
+        args.goodput,
+        args.json,
+        offline_baseline=args.offline_baseline,
+    )
+    print(f"workload {args.workload}; {report['environment']}")
+    print(table(report))
+    _plots(report, args.plots)
+    return 0
+
+
+def _plots(report: dict, out_dir: str | None) -> None:
+    if not out_dir:
+        return
+    from tandem.bench.plots import plot_offline, plot_serve
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for path in (plot_serve if report["kind"] == "serve" else plot_offline)(report, out_dir):
+        print(f"plot: {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem bench", description="benchmarks: tandem against transformers")
+    bench = parser.add_subparsers(dest="bench", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    offline = bench.add_parser(
+        "offline", help="one workload through each scheduler and through transformers", formatter_class=fmt
+    )
+    offline.add_argument("--model", default="bench-llama", help="preset or local model directory")
+    offline.add_argument("--workload", choices=NAMES, default="offline", help="named, seeded workload")
+    offline.add_argument("--requests", type=int, default=None, help="override the workload's request count")
+    offline.add_argument("--seed", type=int, default=0, help="workload seed")
+    offline.add_argument(
+        "--systems", nargs="*", default=list(TANDEM_SYSTEMS), help="tandem schedulers: NAME or async-overlap:POLICY"
+    )
+    offline.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS, help="transformers' systems")
+    offline.add_argument(
+        "--static-batch",
+        type=int,
+        nargs="+",
+        default=[8, 16, 32, 64],
+        help="batch sizes of transformers' static generate (each is a row)",
+    )
+    offline.add_argument("--repeats", type=int, default=1, help="runs of each tandem system, interleaved; medians")
+    offline.add_argument("--no-tune", action="store_true", help="run generate_batch at its defaults only")
+    offline.add_argument(
+        "--tune-requests",
+        type=int,
+        default=None,
+        help="tune generate_batch on the workload's first N requests, then run the best on all "
+        "(default: every setting runs the whole workload and the best is the result)",
+    )
+    offline.add_argument(
+        "--hf-grid",
+        nargs="*",
+        default=[],
+        metavar="TOKENS:REQUESTS",
+        help="generate_batch settings to tune over (default: its defaults, 512 and 2048 x 16 and 32)",
+    )
+    offline.add_argument("--device", default=None, help="default: cuda when available")
+    offline.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    offline.add_argument("--json", default=None, help="write every figure and the environment here")
+    offline.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
+    offline.set_defaults(func=cmd_offline)
+
+    serve = bench.add_parser(
+        "serve", help="gRPC load generator: Poisson arrivals or fixed concurrency", formatter_class=fmt
+    )
+    serve.add_argument(
+        "--target",
+        default=None,
+        metavar="HOST:PORT",
+        help="a running server; without it, a local `tandem serve` per --schedulers entry",
+    )
+    serve.add_argument("--model", default="bench-llama", help="model of the local servers")
+    serve.add_argument("--schedulers", nargs="+", default=["fcfs"], help="local servers, one after the other")
+    serve.add_argument("--workload", choices=NAMES, default="chat", help="named, seeded workload")
+    serve.add_argument("--requests", type=int, default=None, help="override the workload's request count")
+    serve.add_argument("--rate", nargs="+", default=["inf"], help="requests/s (Poisson); several make a sweep")
+    serve.add_argument("--concurrency", type=int, default=None, help="at most this many requests in flight")
+    serve.add_argument(
+        "--goodput",
+        nargs="*",
+        default=[],
+        metavar="ttft:MS|tpot:MS",
+        help="SLOs; goodput counts requests meeting all of them",
+    )
+    serve.add_argument(
+        "--offline-baseline",
+        action="store_true",
+        help="after each local server, run the same workload in-process; report gRPC / offline",
+    )
+    serve.add_argument("--seed", type=int, default=0, help="workload seed")
+    serve.add_argument("--json", default=None, help="write every figure, per-request latencies and the environment")
+    serve.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(verbose=False)
+    if missing := missing_extra():
+        print(
+            f"tandem bench needs the '{EXTRA}' extra ({', '.join(missing)} missing): pip install 'tandem[{EXTRA}]'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 2

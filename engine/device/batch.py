@@ -1,0 +1,206 @@
+"""A step's batch: ragged rows on the host, flattened into one int64 buffer, viewed on the device.
+
+All integer metadata of a step travels in one buffer (one host-to-device copy on CUDA, none
+on the CPU), and masks are built on the device from it.
+
+Rows may hold placeholder tokens (engine.device.placeholders), resolved on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tandem.engine.device.attention import DecodeGroup, PrefillSpan, StepAttention
+from tandem.engine.device.kv_cache import KVCache
+from tandem.engine.device.placeholders import resolve_placeholders
+from tandem.engine.device.sampling import SampleSpec
+
+# What one more decode attention call costs, in padded key slots, per device type. Grouping
+# rows of similar context length trades padding (gathered, attended-over keys that are masked
+# off) for calls. On the CPU a call costs about what gathering ~1k slots does; on a GPU a few
+# kernel launches cost what moving tens of thousands of slots does (a guess until measured).
+DECODE_GROUP_COST_SLOTS = {"cpu": 1024, "cuda": 16384}
+DEFAULT_GROUP_COST = 1024
+NO_GROUPING = 1 << 62  # the fused CPU kernel reads only each row's own slots: padding is free
+
+
+def decode_group_sizes(lengths: np.ndarray, cost: int = DEFAULT_GROUP_COST) -> list[int]:
+    """Split lengths sorted longest first into consecutive groups, each padded to its first
+    (longest) member, minimizing padded slots + `cost` per group (exact, O(n^2) vectorized)."""
+    n = len(lengths)
+    if cost >= NO_GROUPING or n <= 1:  # padding is free (fused kernel): skip the per-step DP
+        return [n] if n else []
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    base = -np.arange(n) * lengths  # best[j] - j * l[j] + i * l[j] = cost of rows j..i-1 padded to l[j]
+    for i in range(1, n + 1):
+        totals = best[:i] + base[:i] + i * lengths[:i]
+        cut[i] = int(np.argmin(totals))
+        best[i] = totals[cut[i]] + cost
+    sizes, i = [], n
+    while i:
+        sizes.append(i - int(cut[i]))
+        i = int(cut[i])
+    return sizes[::-1]
+
+
+@dataclass
+class StepRow:
+    """One sequence's share of a step: a prefill chunk or a single decode token."""
+
+    token_ids: np.ndarray  # int64, the tokens whose K/V this step computes (placeholders allowed)
+    start: int  # position of token_ids[0]; tokens before it are already in the cache
+    block_table: list[int]  # covers positions [0, start + len(token_ids))
+    sample: SampleSpec | None = None  # None for a prefill chunk that does not reach the end
+
+
+@dataclass
+class StepBatch:
+    rows: list[StepRow]
+
+
+Span = tuple[int, int]  # (offset, length) of one part of HostBatch.flat
+
+
+@dataclass(frozen=True)
+class Sections:
+    """Where each part of a step's integers lies in HostBatch.flat."""
+
+    input_ids: Span
+    positions: Span
+    slot_mapping: Span
+    decode_rows: Span
+    decode_ctx: Span
+    decode_slots: Span
+    prefill_slots: Span
+    sample_rows: Span
+
+
+@dataclass
+class HostBatch:
+    flat: np.ndarray  # every integer the device needs, int64
+    sections: Sections
+    num_tokens: int
+    decode_groups: list[tuple[int, int]]  # (rows, padded context) of each decode attention group
+    prefills: list[tuple[int, int, int, int]]  # (q_start, q_end, first position, context length)
+    attended_keys: int  # sum over query tokens of the keys each attends to (causal)
+    has_placeholders: bool
+
+
+@dataclass
+class PreparedStep:
+    input_ids: torch.Tensor  # [1, T]
+    positions: torch.Tensor  # [1, T]
+    attention: StepAttention
+    sample_rows: torch.Tensor  # flattened index of the last token of each sampling row
+
+
+def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAULT_GROUP_COST) -> HostBatch:
+    """Flatten the ragged rows, vectorized over tokens (Python loops only over rows)."""
+    rows, bs = batch.rows, block_size
+    q_lens = np.fromiter((len(r.token_ids) for r in rows), dtype=np.int64, count=len(rows))
+    starts = np.fromiter((r.start for r in rows), dtype=np.int64, count=len(rows))
+    ends = starts + q_lens
+    cu = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=cu[1:])
+    total = int(cu[-1])
+    owner = np.repeat(np.arange(len(rows)), q_lens)
+    positions = starts[owner] + np.arange(total) - cu[owner]
+
+    tables = np.zeros((len(rows), max(len(r.block_table) for r in rows)), dtype=np.int64)
+    for i, r in enumerate(rows):
+        tables[i, : len(r.block_table)] = r.block_table
+    slot_mapping = tables[owner, positions // bs] * bs + positions % bs
+
+    decode = np.nonzero(q_lens == 1)[0]
+    decode = decode[np.argsort(-ends[decode], kind="stable")]
+    groups, decode_slots, at = [], [], 0
+    for size in decode_group_sizes(ends[decode], group_cost) if decode.size else []:
+        members = decode[at : at + size]
+        ctx = np.arange(int(ends[members[0]]))
+        decode_slots.append((tables[members][:, ctx // bs] * bs + ctx % bs).ravel())
+        groups.append((size, len(ctx)))
+        at += size
+
+    prefill_slots, prefills = [], []
+    for p in np.nonzero(q_lens > 1)[0]:
+        if starts[p]:  # a chunk that starts at 0 attends over its own new keys: no slots needed
+            pos = np.arange(ends[p])
+            prefill_slots.append(tables[p, pos // bs] * bs + pos % bs)
+        prefills.append((int(cu[p]), int(cu[p + 1]), int(starts[p]), int(ends[p])))
+
+    ids = np.concatenate([r.token_ids for r in rows])
+    sample_rows = np.array([cu[i + 1] - 1 for i, r in enumerate(rows) if r.sample is not None], dtype=np.int64)
+    parts = dict(
+        input_ids=ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        decode_rows=cu[decode],
+        decode_ctx=ends[decode],
+        decode_slots=np.concatenate(decode_slots) if decode_slots else np.zeros(0, np.int64),
+        prefill_slots=np.concatenate(prefill_slots) if prefill_slots else np.zeros(0, np.int64),
+        sample_rows=sample_rows,
+    )
+    spans, offset = {}, 0
+    for name, part in parts.items():
+        spans[name] = (offset, len(part))
+        offset += len(part)
+    sections = Sections(**spans)
+    flat = np.concatenate([p.astype(np.int64, copy=False) for p in parts.values()])
+    # each query at position p attends over p + 1 keys
+    attended = int(positions.sum()) + total
+    return HostBatch(flat, sections, total, groups, prefills, attended, bool((ids < 0).any()))
+
+
+def device_step(
+    host: HostBatch, flat: torch.Tensor, kv: KVCache, prev_tokens: torch.Tensor | None, fused_decode=None
+) -> PreparedStep:
+    """Views of the device copy of `host.flat`, placeholders resolved, masks built."""
+
+    def section(span: Span) -> torch.Tensor:
+        offset, length = span
+        return flat[offset : offset + length]
+
+    ids = section(host.sections.input_ids)
+    if host.has_placeholders:
+        if prev_tokens is None:
+            raise RuntimeError("step has placeholder tokens but no previous step to resolve them from")
+        ids = resolve_placeholders(ids, prev_tokens)
+    device = flat.device
+    decode_rows, decode_ctx, decode_slots = (
+        section(host.sections.decode_rows),
+        section(host.sections.decode_ctx),
+        section(host.sections.decode_slots),
+    )
+    decodes, row, at = [], 0, 0
+    for size, length in host.decode_groups:
+        ctx = decode_ctx[row : row + size]
+        mask = None  # the fused kernel reads each row's length; SDPA needs the padding masked
+        if fused_decode is None:
+            mask = (torch.arange(length, device=device)[None, :] < ctx[:, None])[:, None, None, :]
+        slots = decode_slots[at : at + size * length].view(size, length)
+        decodes.append(DecodeGroup(decode_rows[row : row + size], slots, mask, ctx))
+        row, at = row + size, at + size * length
+    prefill_slots = section(host.sections.prefill_slots)
+    spans, at = [], 0
+    for q_start, q_end, first, context in host.prefills:
+        span_slots = span_mask = None
+        if first > 0:  # causal, offset by the tokens already in the cache
+            q_pos = torch.arange(first, first + q_end - q_start, device=device)
+            span_mask = (torch.arange(context, device=device)[None, :] <= q_pos[:, None])[None, None]
+            span_slots, at = prefill_slots[at : at + context], at + context
+        spans.append(PrefillSpan(q_start, q_end, span_slots, span_mask))
+    attention = StepAttention(
+        kv=kv,
+        slot_mapping=section(host.sections.slot_mapping),
+        decodes=decodes,
+        prefills=spans,
+        max_context=max([length for _, length in host.decode_groups] + [p[3] for p in host.prefills]),
+        fused_decode=fused_decode,
+    )
+    return PreparedStep(
+        ids[None], section(host.sections.positions)[None], attention, section(host.sections.sample_rows)
+    )

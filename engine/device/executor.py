@@ -1,0 +1,220 @@
+"""The paged-KV executor: one per process, owns the model, the KV pools and the device.
+
+Its interface is split in two: `launch(batch, prev)` prepares the step on the host and starts
+the forward pass and sampling, returning a handle; `collect(handle)` waits for the sampled
+tokens and reads them back. `prev` is the handle of the step launched just before, whose
+output tensor resolves this step's placeholder tokens on the device.
+
+`Executor` runs each step inside `launch` (synchronous). `tandem.engine.device.executor_worker` (a CPU
+worker thread) and `tandem.engine.device.executor_cuda` (CUDA streams) run launched steps in the
+background, in launch order, so the host can prepare step N+1 while step N computes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from tandem.engine.device import faults, paged_cpu
+from tandem.engine.device.attention import STEP_KWARG
+from tandem.engine.device.batch import (
+    DECODE_GROUP_COST_SLOTS,
+    DEFAULT_GROUP_COST,
+    NO_GROUPING,
+    HostBatch,
+    PreparedStep,
+    StepBatch,
+    build_host_batch,
+    device_step,
+)
+from tandem.engine.device.kv_cache import KVCache
+from tandem.engine.device.sampling import SampleOutput, SamplingTensors, build_sampling, sample
+
+
+@dataclass
+class TokenChoice:
+    token_id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens, one per row that asked to sample, in row order."""
+
+    choices: list[TokenChoice]
+
+
+@dataclass
+class StepHandle:
+    """A launched step. Background executors subclass it with what they wait on."""
+
+    host: HostBatch
+    sampling: SamplingTensors | None
+    prev: StepHandle | None
+    output: SampleOutput | None = None
+    error: BaseException | None = None
+
+
+H = TypeVar("H", bound=StepHandle)
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """One step's shape and device time, for utilisation figures (FLOPs per step)."""
+
+    tokens: int  # query tokens computed
+    decode_rows: int
+    sampled_rows: int  # rows that reached the LM head
+    attended_keys: int  # sum over query tokens of the keys each attends to
+    busy_seconds: float
+
+
+@dataclass
+class ExecutorStats:
+    """Where step time goes. Host: preparing batches. Device busy: the forward pass and
+    sampling. Device idle: gaps between busy periods while the engine had work (the device
+    waiting on the host); time with no work at all is not counted."""
+
+    steps: int = 0
+    tokens: int = 0
+    prepare_seconds: float = 0.0
+    busy_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    trace: list[StepTrace] | None = None  # set to a list to record every step (benchmarks)
+
+    def record(self, host: HostBatch, busy: float, idle: float | None) -> None:
+        self.busy_seconds += busy
+        if idle is not None:
+            self.idle_seconds += max(0.0, idle)
+        self.steps += 1
+        if self.trace is not None:
+            rows = sum(size for size, _ in host.decode_groups)
+            sampled = host.sections.sample_rows[1]
+            self.trace.append(StepTrace(host.num_tokens, rows, sampled, host.attended_keys, busy))
+
+    @property
+    def idle_fraction(self) -> float:
+        total = self.busy_seconds + self.idle_seconds
+        return self.idle_seconds / total if total else 0.0
+
+
+class Executor:
+    def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0) -> None:
+        # model: a transformers PreTrainedModel (Any: its attributes are built at run time)
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.block_size = kv.layout.block_size
+        self.fused_decode = paged_cpu.decode_kernel() if self._fused_fits(model, kv, device) else None
+        self.group_cost = (
+            NO_GROUPING if self.fused_decode else DECODE_GROUP_COST_SLOTS.get(device.type, DEFAULT_GROUP_COST)
+        )
+        self.rng = np.random.default_rng(seed)
+        self.stats = ExecutorStats()
+        self._last_busy_end: float | None = None
+        self._fault = faults.from_env()
+        self._computed = 0
+
+    @staticmethod
+    def _fused_fits(model: Any, kv: KVCache, device: torch.device) -> bool:
+        heads = model.config.get_text_config().num_attention_heads
+        return (
+            device.type == "cpu"
+            and kv.layout.dtype == torch.float32
+            and paged_cpu.supports(heads, kv.layout.num_kv_heads, kv.layout.head_dim)
+        )
+
+    # -- the launch / collect interface ----------------------------------------------------
+    def launch(self, batch: StepBatch, prev: StepHandle | None = None) -> StepHandle:
+        handle = self._prepare(batch, prev, StepHandle)
+        self._execute(handle)
+        return handle
+
+    def collect(self, handle: StepHandle) -> StepResult:
+        handle.prev = None  # computed: its predecessor's outputs are no longer needed (no chain)
+        if handle.error is not None:
+            raise handle.error
+        return self._read(handle.output)
+
+    def step(self, batch: StepBatch) -> StepResult:
+        return self.collect(self.launch(batch))
+
+    def pause(self) -> None:
+        """The engine ran out of work: the gap until the next step is not device idle time."""
+        self._last_busy_end = None
+
+    def close(self) -> None:
+        pass
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _prepare(self, batch: StepBatch, prev: StepHandle | None, kind: type[H]) -> H:
+        started = time.perf_counter()
+        host = build_host_batch(batch, self.block_size, self.group_cost)
+        specs = [row.sample for row in batch.rows if row.sample is not None]
+        sampling = build_sampling(specs, self.device, self.rng) if specs else None
+        self.stats.prepare_seconds += time.perf_counter() - started
+        self.stats.tokens += host.num_tokens
+        return kind(host, sampling, prev)
+
+    def _compute(self, handle: StepHandle, flat: torch.Tensor) -> None:
+        """Forward and sample, on the current device stream."""
+        prev_tokens = handle.prev.output.tokens if handle.prev is not None and handle.prev.output else None
+        self._computed += 1
+        if self._fault is not None:
+            self._fault.check(self._computed)
+        with torch.inference_mode():
+            prepared = device_step(handle.host, flat, self.kv, prev_tokens, self.fused_decode)
+            logits = self.forward(prepared, prepared.sample_rows)
+            if handle.sampling is not None:
+                if handle.sampling.has_placeholders:
+                    assert prev_tokens is not None, "penalty histories hold placeholders but no step preceded"
+                    handle.sampling.resolve(prev_tokens)
+                handle.output = sample(logits, handle.sampling)
+
+    def _execute(self, handle: StepHandle) -> None:
+        start = time.perf_counter()
+        flat = torch.from_numpy(handle.host.flat).to(self.device)
+        self._compute(handle, flat)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._account(handle, start, time.perf_counter())
+
+    def _account(self, handle: StepHandle, start: float, end: float) -> None:
+        idle = start - self._last_busy_end if self._last_busy_end is not None else None
+        self.stats.record(handle.host, end - start, idle)
+        self._last_busy_end = end
+
+    @staticmethod
+    def _read(out: SampleOutput | None) -> StepResult:
+        if out is None:
+            return StepResult([])
+        tokens = out.tokens.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        choices = []
+        for i, token in enumerate(tokens):
+            top = list(zip(top_ids[i], top_lps[i])) if top_ids is not None and top_lps is not None else []
+            choices.append(TokenChoice(token, lps[i] if lps is not None else None, top))
+        return StepResult(choices)
+
+    def forward(self, prepared: PreparedStep, logits_rows: torch.Tensor) -> torch.Tensor:
+        """Run the model over the flattened step; logits of the tokens at `logits_rows`."""
+        out = self.model(
+            input_ids=prepared.input_ids,
+            position_ids=prepared.positions,
+            use_cache=False,
+            logits_to_keep=logits_rows,
+            **{STEP_KWARG: prepared.attention},
+        )
+        return out.logits[0]
+
+    def prepare(self, batch: StepBatch) -> PreparedStep:
+        """The step's device tensors (no placeholders); for tests and tools."""
+        host = build_host_batch(batch, self.block_size, self.group_cost)
+        return device_step(host, torch.from_numpy(host.flat).to(self.device), self.kv, None, self.fused_decode)

@@ -1,0 +1,284 @@
+"""The engine core: request state machine, KV bookkeeping and outputs, one step at a time.
+
+Single-threaded by design: `Engine` runs it on its own thread and feeds it commands. The
+scheduling decision is delegated to a `SchedulingPolicy`; everything that must stay
+consistent (blocks, finishing, streaming) stays here.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.device.batch import StepBatch, StepRow
+from tandem.engine.device.executor import Executor, StepHandle, TokenChoice
+from tandem.engine.device.placeholders import placeholder
+from tandem.engine.device.sampling import SampleSpec
+from tandem.engine.errors import InvalidRequestError
+from tandem.engine.host.block_manager import BlockManager
+from tandem.engine.host.detokenizer import IncrementalDetokenizer, Tokenizer
+from tandem.engine.host.kv_accounting import KVAccounting
+from tandem.engine.host.queues import RequestQueues
+from tandem.engine.host.scheduling import Scheduler, StepContext
+from tandem.engine.host.sequence import SeqStatus, Sequence
+from tandem.engine.request import (
+    FinishReason,
+    GenerationRequest,
+    ModelLimits,
+    RequestOutput,
+    TokenLogprob,
+    validate_output,
+    validate_prompt_ids,
+    validate_sampling,
+    validate_stopping,
+)
+
+
+@dataclass
+class CoreStats:
+    """Host time around the executor: the scheduling decision and building the rows, then
+    turning sampled tokens into outputs (stop checks, detokenization). Neither includes
+    waiting for the device."""
+
+    schedule_seconds: float = 0.0
+    output_seconds: float = 0.0
+
+
+@dataclass
+class _Launched:
+    handle: StepHandle
+    seqs: list[Sequence]  # the step's rows, in order
+    sampled: list[tuple[Sequence, int]]  # per sampled row: the sequence and its placeholder's index
+
+
+class EngineCore:
+    def __init__(
+        self,
+        executor: Executor,
+        blocks: BlockManager,
+        tokenizer: Tokenizer,
+        limits: ModelLimits,
+        eos_token_ids: tuple[int, ...],
+        scheduler: Scheduler,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.executor = executor
+        self.kv = KVAccounting(blocks)
+        self.queues = RequestQueues()
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.config = config or EngineConfig()  # its step limits are read afresh every step
+        self.scheduler = scheduler
+        self.overlap = scheduler.overlap
+        self._inflight: _Launched | None = None  # overlap mode: the step launched, not yet completed
+        self.num_steps = 0
+        self.last_step: list[tuple[str, int]] = []  # (request id, tokens) of the latest step
+        self.stats = CoreStats()
+
+    # -- requests --------------------------------------------------------------------------
+    def make_sequence(self, request: GenerationRequest) -> Sequence:
+        """Validate and tokenize; raises InvalidRequestError. Touches no engine state, so it
+        may run on the caller's thread."""
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = list(prompt)
+        validate_prompt_ids(ids, self.limits)
+        validate_sampling(request.sampling, self.limits)
+        validate_stopping(request.stopping, self.limits, len(ids))
+        validate_output(request.output, self.limits)
+        request_id = request.request_id or uuid.uuid4().hex
+        detok = IncrementalDetokenizer(self.tokenizer, request.stopping.stop_strings)
+        return Sequence(request_id, request, np.asarray(ids, dtype=np.int64), 0, detok, time.monotonic())
+
+    def add(self, seq: Sequence) -> None:
+        self.queues.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish a request as aborted; None if it is unknown or already finished."""
+        seq = self.queues.lookup(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, FinishReason.ABORTED, [])
+
+    def has_work(self) -> bool:
+        return bool(self.queues.waiting or self.queues.running or self._inflight is not None)
+
+    # -- what tests, tools and the engine's stats read ------------------------------------------
+    @property
+    def blocks(self) -> BlockManager:
+        return self.kv.blocks
+
+    @property
+    def waiting(self) -> deque[Sequence]:
+        return self.queues.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.queues.running
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.queues)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.queues.num_preemptions
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the step that completes.
+
+        Synchronous mode completes the step it launched. Overlap mode (a scheduler with
+        `overlap = True`) launches step N+1 before completing step N: N+1 is planned with a
+        placeholder for every token N samples, which the device fills in from N's output.
+        """
+        launched = self._launch() if (self.queues.waiting or self.queues.running) else None
+        if self.overlap:
+            done, self._inflight = self._inflight, launched
+        else:
+            done = launched
+        return self._complete(done) if done is not None else []
+
+    def _launch(self) -> _Launched | None:
+        started = time.perf_counter()
+        ctx = StepContext(
+            self.queues,
+            self.kv,
+            self.config.max_batch_tokens,
+            self.config.max_num_seqs,
+            self.num_steps,
+            self.scheduler.name or type(self.scheduler).__name__,
+        )
+        self.scheduler.schedule(ctx)
+        chosen = [(view._seq, n) for view, n in ctx.scheduled]
+        self.last_step = [(seq.request_id, n) for seq, n in chosen]
+        if not chosen:
+            return None
+        self.num_steps += 1
+        rows = [self._row(seq, n) for seq, n in chosen]
+        self.stats.schedule_seconds += time.perf_counter() - started
+        prev = self._inflight.handle if self._inflight is not None else None
+        handle = self.executor.launch(StepBatch(rows), prev)
+        sampled: list[tuple[Sequence, int]] = []
+        for (seq, n), row in zip(chosen, rows):
+            seq.num_computed += n
+            if row.sample is None:
+                continue
+            seq.append(placeholder(len(sampled)))
+            sampled.append((seq, seq.num_tokens - 1))
+            if seq.num_output >= seq.request.stopping.max_new_tokens:
+                # Certainly its last token: nothing more to schedule. It keeps its blocks
+                # until the step completes, so its full blocks still reach the prefix cache.
+                self.queues.drain(seq)
+        return _Launched(handle, [seq for seq, _ in chosen], sampled)
+
+    def _complete(self, launched: _Launched) -> list[RequestOutput]:
+        result = self.executor.collect(launched.handle)
+        started = time.perf_counter()
+        live = [
+            (seq, i, c) for (seq, i), c in zip(launched.sampled, result.choices) if seq.status is not SeqStatus.FINISHED
+        ]
+        for seq, index, choice in live:
+            seq.set_token(index, choice.token_id)
+        for seq in launched.seqs:
+            if seq.status is not SeqStatus.FINISHED:
+                self.kv.register_full_blocks(seq)
+        outputs = []
+        for seq, index, choice in live:
+            if seq.status is not SeqStatus.FINISHED:  # a stop earlier in this loop can't end it, but be exact
+                outputs.append(self._on_token(seq, choice, index - seq.num_prompt + 1))
+        self.stats.output_seconds += time.perf_counter() - started
+        return outputs
+
+    def _row(self, seq: Sequence, n: int) -> StepRow:
+        start = seq.num_computed
+        row = StepRow(seq.tokens[start : start + n], start, seq.block_table)
+        if start + n == seq.num_tokens:
+            row.sample = self._sample_spec(seq)
+        return row
+
+    def _sample_spec(self, seq: Sequence) -> SampleSpec:
+        req = seq.request
+        suppressed: tuple[int, ...] = ()
+        if seq.num_output < req.stopping.min_new_tokens:
+            stops = set(req.stopping.stop_token_ids)
+            if not req.stopping.ignore_eos:
+                stops |= self.eos_token_ids
+            suppressed = tuple(sorted(stops))
+        penalties = req.sampling.has_penalties
+        return SampleSpec(
+            params=req.sampling,
+            num_generated=seq.num_output,
+            suppressed=suppressed,
+            prompt_ids=seq.prompt_ids if penalties else None,
+            output_ids=seq.output_ids if penalties else None,
+            logprobs=req.output.logprobs,
+            top_logprobs=req.output.top_logprobs,
+        )
+
+    def _on_token(self, seq: Sequence, choice: TokenChoice, count: int) -> RequestOutput:
+        """Stop checks, detokenization and the output for `seq`'s `count`-th token."""
+        token = choice.token_id
+        if seq.logprobs is not None:
+            # The batch computes the largest top-N any row asked for; each gets its own N.
+            logprob = choice.logprob if choice.logprob is not None else float("nan")  # computed when asked for
+            seq.logprobs.append(TokenLogprob(token, logprob, choice.top[: seq.request.output.top_logprobs]))
+        stopping = seq.request.stopping
+        reason = None
+        if token in self.eos_token_ids and not stopping.ignore_eos:
+            reason = FinishReason.EOS
+        elif token in stopping.stop_token_ids:
+            reason = FinishReason.STOP_TOKEN
+        else:
+            seq.detokenizer.push(token)
+            if count < stopping.min_new_tokens:
+                seq.detokenizer.ignore_stops_so_far()
+            elif seq.detokenizer.find_stop():
+                reason = FinishReason.STOP_STRING
+            elif count >= stopping.max_new_tokens:
+                reason = FinishReason.LENGTH
+        new_lps = seq.logprobs[-1:] if seq.logprobs is not None else None
+        if reason is None:
+            return self._output(seq, [token], seq.detokenizer.delta(final=False), new_lps)
+        return self._finish(seq, reason, [token], new_lps)
+
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, tokens: list[int], lps: list[TokenLogprob] | None = None
+    ) -> RequestOutput:
+        self.queues.remove(seq)
+        # NOTE: in overlap mode a step still in flight may write these blocks. Freeing them
+        # now is safe: only later steps can reuse them, and the device runs steps in order.
+        self.kv.release(seq)
+        seq.finish_reason = reason
+        if reason is not FinishReason.STOP_STRING:
+            seq.detokenizer.flush()
+        out = self._output(seq, tokens, seq.detokenizer.delta(final=True), lps)
+        out.finished = True
+        out.finish_reason = reason
+        return out
+
+    def _output(self, seq: Sequence, tokens: list[int], text: str, lps) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=tokens,
+            text=text,
+            logprobs=lps,
+            num_prompt_tokens=seq.num_prompt,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            queue_seconds=seq.queue_seconds,
+        )
+
+    def check_invariants(self) -> None:
+        """Block accounting holds (while a step is in flight too)."""
+        q = self.queues
+        self.kv.check(q.running + q.draining, list(q.waiting))

@@ -1,0 +1,81 @@
+"""Incremental detokenization with stop strings.
+
+Text is decoded over a sliding window of token ids (the prefix/read offsets used by TGI and
+vLLM), so each step costs a few tokens of decoding, not the whole output. A window whose text
+ends in U+FFFD is an incomplete UTF-8 sequence: it is held back until more tokens complete it
+or the request finishes. Stop strings are searched in the decoded text, across token
+boundaries; the last len(longest stop) - 1 characters are held back from streaming so a stop
+string is never partly emitted before it is recognised.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Tokenizer(Protocol):
+    """What the engine uses of a transformers tokenizer."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, token_ids: Any, skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str] | None = None) -> None:
+        self._decode = tokenizer.decode
+        self.stop_strings = list(stop_strings or [])
+        self._holdback = max((len(s) for s in self.stop_strings), default=1) - 1
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+        self.text = ""  # decoded so far (complete characters only)
+        self.emitted = 0  # characters of `text` already streamed
+        self._stop_floor = 0  # a stop string must end after this many characters
+        self.stopped_by: str | None = None
+
+    def _window(self, end: int | None = None) -> str:
+        return self._decode(self.ids[self._prefix : end], skip_special_tokens=True)
+
+    def push(self, token_id: int) -> None:
+        """Add one token and extend `text` with whatever it completes."""
+        self.ids.append(token_id)
+        prefix_text = self._window(self._read)
+        new_text = self._window()
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.text += new_text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self.ids)
+
+    def flush(self) -> None:
+        """At the end: take held-back bytes too, as the full decode would show them."""
+        prefix_text = self._window(self._read)
+        new_text = self._window()
+        self.text += new_text[len(prefix_text) :]
+        self._prefix = self._read = len(self.ids)
+
+    def ignore_stops_so_far(self) -> None:
+        """Stop strings ending in the text so far do not count (min_new_tokens not reached)."""
+        self._stop_floor = len(self.text)
+
+    def find_stop(self) -> bool:
+        """Look for a stop string in the not-yet-streamed text; on a hit, cut the text there."""
+        if not self.stop_strings or self.stopped_by is not None:
+            return False
+        best = None
+        for stop in self.stop_strings:
+            begin = max(0, self.emitted - self._holdback, self._stop_floor - len(stop) + 1)
+            at = self.text.find(stop, begin)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, stop)
+        if best is None:
+            return False
+        self.text = self.text[: best[0]]
+        self.stopped_by = best[1]
+        return True
+
+    def delta(self, final: bool) -> str:
+        """Text to stream now; all of the rest when `final`."""
+        end = len(self.text) if final else max(self.emitted, len(self.text) - self._holdback)
+        out = self.text[self.emitted : end]
+        self.emitted = end
+        return out

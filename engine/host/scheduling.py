@@ -1,0 +1,257 @@
+"""The scheduling interface between the engine core and scheduler plugins.
+
+Each step the core hands the scheduler a `StepContext`. The scheduler reads the waiting and
+running requests (as read-only `RequestView`s) and the step's limits, then decides by calling
+`ctx.schedule(request, n)` (run n tokens of it this step: a prefill chunk, or 1 to decode;
+a waiting request is admitted by it) and `ctx.preempt(request)` (free a running request's KV;
+it waits again at its arrival place and keeps its generated tokens). Every call is checked
+against the token budget, the sequence limit and the free KV blocks, so a plugin cannot
+corrupt the core's bookkeeping: a call that breaks a limit raises `SchedulerError` naming the
+plugin, and the blocks are reserved by the core, exactly, as each call succeeds.
+
+The public face of this module for plugin authors is the `tandem.schedulers` package.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar, NoReturn
+
+from tandem.engine.errors import TandemError
+from tandem.engine.host.kv_accounting import KVAccounting
+from tandem.engine.host.queues import RequestQueues
+from tandem.engine.host.sequence import SeqStatus, Sequence
+
+API_VERSION = 1
+
+
+class SchedulerError(TandemError):
+    """A scheduler plugin made a decision the core refuses."""
+
+    def __init__(self, plugin: str, message: str) -> None:
+        super().__init__(f"scheduler '{plugin}': {message}")
+        self.plugin = plugin
+
+
+class Scheduler(ABC):
+    """Base class of every scheduling policy. Subclasses set `name` and implement `schedule`.
+
+    Keyword arguments of `__init__` are the policy's options (`--scheduler-opt key=value`).
+    """
+
+    name: ClassVar[str] = ""
+    api_version: ClassVar[int] = API_VERSION
+    uses_priority: bool = False  # whether GenerationRequest.priority changes decisions
+    overlap: ClassVar[bool] = False  # run steps pipelined: plan N+1 while N computes (async-overlap)
+    options: Mapping[str, object] = {}  # what it was built with; set by the registry's load_scheduler
+
+    @abstractmethod
+    def schedule(self, ctx: StepContext) -> None:
+        """Decide this step through `ctx.schedule` and `ctx.preempt`."""
+
+
+class RequestView:
+    """Read-only, live view of one request as the scheduler may see it."""
+
+    __slots__ = ("_seq", "_kv")
+
+    def __init__(self, seq: Sequence, kv: KVAccounting) -> None:
+        self._seq = seq
+        self._kv = kv
+
+    def __repr__(self) -> str:
+        s = self._seq
+        return f"RequestView({s.request_id!r}, {s.status.value}, computed={s.num_computed}/{s.num_tokens})"
+
+    @property
+    def request_id(self) -> str:
+        return self._seq.request_id
+
+    @property
+    def arrival_time(self) -> float:
+        """time.monotonic() when the engine received it."""
+        return self._seq.arrival_time
+
+    @property
+    def arrival_index(self) -> int:
+        """Strictly increasing in arrival order; preemption keeps it."""
+        return self._seq.arrival
+
+    @property
+    def priority(self) -> int:
+        """From the request; larger means more urgent. Only some policies use it."""
+        return self._seq.request.priority
+
+    @property
+    def is_running(self) -> bool:
+        return self._seq.status is SeqStatus.RUNNING
+
+    @property
+    def prompt_len(self) -> int:
+        return self._seq.num_prompt
+
+    @property
+    def generated_len(self) -> int:
+        return self._seq.num_output
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self._seq.request.stopping.max_new_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens: what must be in the KV cache before the next token."""
+        return self._seq.num_tokens
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose K/V is in the cache (0 for a waiting request)."""
+        return self._seq.num_computed
+
+    @property
+    def cached_prefix_len(self) -> int:
+        """Tokens a prefix-cache hit would skip if this waiting request were admitted now."""
+        if self.is_running:
+            return self._seq.num_computed
+        return self._kv.prefix_hit_blocks(self._seq)[0] * self._kv.block_size
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to compute before this request can sample (1 when decoding)."""
+        return self._seq.num_tokens - (self._seq.num_computed if self.is_running else self.cached_prefix_len)
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.is_running and self._seq.num_uncomputed == 1 and self._seq.num_output > 0
+
+    @property
+    def blocks_held(self) -> int:
+        return len(self._seq.block_table)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._seq.num_preemptions
+
+
+class StepContext:
+    """What one step may use, and the only way to spend it. It sees the request queues, the
+    step's limits and the KV accounting, nothing else of the engine."""
+
+    def __init__(
+        self,
+        queues: RequestQueues,
+        kv: KVAccounting,
+        max_batch_tokens: int,
+        max_num_seqs: int,
+        step_index: int,
+        plugin: str,
+    ) -> None:
+        self._queues = queues
+        self._kv = kv
+        self._plugin = plugin
+        self._max_num_seqs = max_num_seqs
+        self.token_budget = max_batch_tokens  # tokens left this step
+        self.seq_budget = max_num_seqs  # sequences left this step
+        self.scheduled: list[tuple[RequestView, int]] = []
+        self._scheduled_ids: set[str] = set()
+        self.step_index = step_index
+        self.now = time.monotonic()
+
+    # -- what the scheduler sees -----------------------------------------------------------
+    @property
+    def waiting(self) -> list[RequestView]:
+        """Waiting requests in arrival order (preempted ones at their original place)."""
+        return [self._view(s) for s in self._queues.waiting]
+
+    @property
+    def running(self) -> list[RequestView]:
+        """Running requests in admission order."""
+        return [self._view(s) for s in self._queues.running]
+
+    @property
+    def block_size(self) -> int:
+        return self._kv.block_size
+
+    @property
+    def total_blocks(self) -> int:
+        return self._kv.blocks.num_blocks
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks an allocation can take now, evictable cached ones included."""
+        return self._kv.blocks.num_free
+
+    @property
+    def evictable_blocks(self) -> int:
+        return self._kv.blocks.num_evictable
+
+    def is_scheduled(self, request: RequestView) -> bool:
+        return request.request_id in self._scheduled_ids
+
+    def blocks_needed(self, request: RequestView, num_tokens: int) -> int:
+        """Free blocks `schedule(request, num_tokens)` would consume, exactly."""
+        return self._kv.blocks_needed(self._seq(request), num_tokens)
+
+    def fits(self, request: RequestView, num_tokens: int) -> bool:
+        return self.blocks_needed(request, num_tokens) <= self.free_blocks
+
+    # -- decisions -------------------------------------------------------------------------
+    def schedule(self, request: RequestView, num_tokens: int) -> None:
+        """Run `num_tokens` of `request` this step (clamped to what it has left to compute).
+        A waiting request is admitted: it takes its prefix-cache hits and starts running."""
+        seq = self._seq(request)
+        if request.request_id in self._scheduled_ids:
+            self._refuse(f"request {request.request_id!r} is already scheduled this step")
+        if not isinstance(num_tokens, int) or num_tokens < 1:
+            self._refuse(f"token count for {request.request_id!r} must be a positive integer, got {num_tokens!r}")
+        num_tokens = min(num_tokens, request.remaining)
+        if num_tokens > self.token_budget:
+            self._refuse(
+                f"{num_tokens} tokens for {request.request_id!r} exceed the step's remaining budget "
+                f"of {self.token_budget}"
+            )
+        if self.seq_budget < 1:
+            self._refuse(f"{request.request_id!r} exceeds the step's limit of {self._max_num_seqs} sequences")
+        needed = self.blocks_needed(request, num_tokens)
+        if needed > self.free_blocks:
+            self._refuse(
+                f"{request.request_id!r} needs {needed} KV blocks, only {self.free_blocks} are free "
+                "(check ctx.fits and preempt first)"
+            )
+        if seq.status is SeqStatus.WAITING:
+            self._kv.take_prefix_hits(seq)
+            self._queues.admit(seq)
+        num_tokens = self._kv.reserve(seq, num_tokens)
+        self.token_budget -= num_tokens
+        self.seq_budget -= 1
+        self.scheduled.append((request, num_tokens))
+        self._scheduled_ids.add(request.request_id)
+
+    def preempt(self, request: RequestView) -> None:
+        """Free a running request's KV blocks; it waits again and recomputes later."""
+        seq = self._seq(request)
+        if not request.is_running:
+            self._refuse(f"cannot preempt {request.request_id!r}: it is not running")
+        if request.request_id in self._scheduled_ids:
+            self._refuse(f"cannot preempt {request.request_id!r}: it is already scheduled this step")
+        self._queues.requeue(seq)
+        self._kv.release(seq)
+
+    def _view(self, seq: Sequence) -> RequestView:
+        # One view per request for its whole life: plugins may compare views by identity.
+        if seq.view is None:
+            seq.view = RequestView(seq, self._kv)
+        return seq.view
+
+    def _seq(self, request: RequestView) -> Sequence:
+        if not isinstance(request, RequestView) or request._kv is not self._kv:
+            self._refuse(f"{request!r} is not a request of this engine")
+        seq = request._seq
+        if self._queues.lookup(seq.request_id) is not seq:
+            self._refuse(f"request {seq.request_id!r} is finished, aborted or unknown")
+        return seq
+
+    def _refuse(self, message: str) -> NoReturn:
+        raise SchedulerError(self._plugin, message)

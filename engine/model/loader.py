@@ -1,0 +1,144 @@
+"""Load a causal LM through transformers' Auto classes, offline, with our paged attention.
+
+A model whose attention we do not reproduce exactly is refused here, by name of the feature,
+rather than run wrongly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tandem.engine.device import attention  # noqa: F401  (registers the paged attention function)
+from tandem.engine.device.attention import ATTENTION_NAME
+from tandem.engine.errors import UnsupportedModelError
+from tandem.engine.model.presets import PRESETS, preset_path
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    # transformers' objects: Any, since their attributes are made from the config at run time
+    model: Any  # a PreTrainedModel
+    tokenizer: Any
+    config: Any
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None or name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {name!r}")
+    return _DTYPES[name]
+
+
+def resolve_path(model: str) -> Path:
+    if model in PRESETS:
+        return preset_path(model)
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {model!r} is neither a built-in preset ({', '.join(PRESETS)}) "
+            "nor a local directory with a config.json"
+        )
+    return path
+
+
+def context_length(config) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise UnsupportedModelError("context_length", "the config names no maximum sequence length")
+
+
+def check_supported(config) -> None:
+    """Refuse configs whose attention our paged kernel would compute differently."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    max_len = context_length(text)
+    if getattr(text, "attn_logit_softcapping", None):
+        raise UnsupportedModelError("attn_logit_softcapping", "attention logit softcapping")
+    layer_types = set(getattr(text, "layer_types", None) or [])
+    if layer_types - {"full_attention", "sliding_attention"}:
+        other = sorted(layer_types - {"full_attention", "sliding_attention"})
+        raise UnsupportedModelError("layer_types", f"layers of type {other}")
+    window = getattr(text, "sliding_window", None)
+    windowed = "sliding_attention" in layer_types or (window and getattr(text, "use_sliding_window", True))
+    # A window as long as the context changes nothing; the attention function checks that too.
+    if windowed and window and window < max_len:
+        raise UnsupportedModelError("sliding_window", f"window of {window} tokens < context length {max_len}")
+    if getattr(text, "attention_chunk_size", None):
+        raise UnsupportedModelError("attention_chunk_size", "chunked local attention")
+    if getattr(text, "kv_lora_rank", None) or getattr(text, "v_head_dim", None):
+        raise UnsupportedModelError("multi_latent_attention", "MLA / separate value head dimension")
+    if getattr(text, "alibi", False) or getattr(text, "use_alibi", False):
+        raise UnsupportedModelError("alibi", "ALiBi position biases")
+    if getattr(text, "use_bidirectional_attention", False):
+        raise UnsupportedModelError("use_bidirectional_attention", "bidirectional attention")
+
+
+def _check_modules(model: torch.nn.Module) -> None:
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            "attention_backend", f"{type(model).__name__} does not route attention through transformers' registry"
+        )
+    for name, module in model.named_modules():
+        if name.endswith(("self_attn", "attention", "attn")) and hasattr(module, "sinks"):
+            raise UnsupportedModelError("attention_sinks", f"learned attention sinks in {name}")
+
+
+def _eos_ids(model, config, tokenizer) -> tuple[int, ...]:
+    for source in (getattr(model, "generation_config", None), config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+    return (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+
+
+def load_model(model: str, dtype: str | None = None, device: str | None = None) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dev = torch.device(device) if device else default_device()
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = resolve_path(model)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    check_supported(config)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME, local_files_only=True
+    )
+    _check_modules(hf_model)
+    hf_model.to(dev).eval()  # type: ignore[arg-type]
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return LoadedModel(
+        name=model,
+        path=path,
+        model=hf_model,
+        tokenizer=tokenizer,
+        config=hf_model.config,
+        device=dev,
+        dtype=torch_dtype,
+        eos_token_ids=_eos_ids(hf_model, hf_model.config, tokenizer),
+        max_model_len=context_length(hf_model.config.get_text_config()),
+    )
