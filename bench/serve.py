@@ -194,6 +194,8 @@ class LocalServer:
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
+        if line.startswith("tandem starting on"):  # the port is open; the model loads
+            line = self.proc.stdout.readline()
         if not line.startswith("tandem serving on"):
             self.proc.kill()
             raise RuntimeError(f"tandem serve did not start (exit {self.proc.wait()})")

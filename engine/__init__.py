@@ -2,7 +2,13 @@
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import Engine
-from tandem.engine.errors import EngineDeadError, InvalidRequestError, TandemError, UnsupportedModelError
+from tandem.engine.errors import (
+    EngineBusyError,
+    EngineDeadError,
+    InvalidRequestError,
+    TandemError,
+    UnsupportedModelError,
+)
 from tandem.engine.request import (
     Completion,
     FinishReason,
@@ -17,6 +23,7 @@ from tandem.engine.request import (
 __all__ = [
     "Completion",
     "Engine",
+    "EngineBusyError",
     "EngineConfig",
     "EngineDeadError",
     "FinishReason",

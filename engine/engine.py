@@ -17,7 +17,7 @@ from tandem.engine.config import CPU_DEFAULT_KV_GB, EngineConfig
 from tandem.engine.device.executor import Executor
 from tandem.engine.device.executor_worker import WorkerExecutor
 from tandem.engine.device.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
-from tandem.engine.errors import EngineDeadError, EngineHungError, InvalidRequestError
+from tandem.engine.errors import EngineBusyError, EngineDeadError, EngineHungError, InvalidRequestError
 from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.core import EngineCore
 from tandem.engine.host.scheduling import Scheduler
@@ -157,15 +157,18 @@ class Engine:
             threading.Thread(target=self._watchdog, name="tandem-watchdog", daemon=True).start()
 
     # -- public API ------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, sink: Sink) -> str:
+    def submit(self, request: GenerationRequest, sink: Sink, max_waiting: int | None = None) -> str:
         """Validate and enqueue; `sink` receives each RequestOutput (or an exception) on the
-        engine thread. Raises InvalidRequestError at once for a bad request."""
-        return self._submit(self.core.make_sequence(request), sink)
+        engine thread. Raises InvalidRequestError at once for a bad request, and EngineBusyError
+        when `max_waiting` requests already wait (checked and enqueued as one step)."""
+        return self._submit(self.core.make_sequence(request), sink, max_waiting)
 
-    def _submit(self, seq: Sequence, sink: Sink) -> str:
+    def _submit(self, seq: Sequence, sink: Sink, max_waiting: int | None = None) -> str:
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError("the engine has failed") from self._dead
+            if max_waiting is not None and self._snapshot.waiting + self._queued >= max_waiting:
+                raise EngineBusyError(max_waiting)
             if seq.request_id in self._sinks:
                 raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
             self._sinks[seq.request_id] = sink
@@ -202,7 +205,7 @@ class Engine:
             self._submit(seq, c)
         return [c.result() for c in collectors]
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def stream(self, request: GenerationRequest, max_waiting: int | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; leaving early aborts the request.
 
         The engine never waits for a slow consumer: outputs it has not taken yet are merged
@@ -214,7 +217,7 @@ class Engine:
         def sink(out: RequestOutput | BaseException) -> None:
             loop.call_soon_threadsafe(pending.put, out)
 
-        request_id = self.submit(request, sink)
+        request_id = self.submit(request, sink, max_waiting)
         done = False
         try:
             while not done:
@@ -231,13 +234,6 @@ class Engine:
     @property
     def dead(self) -> BaseException | None:
         return self._dead
-
-    @property
-    def num_waiting(self) -> int:
-        """Requests not yet admitted, including those submitted since the loop last looked:
-        a burst that arrives within one step is counted in full."""
-        with self._lock:
-            return self._snapshot.waiting + self._queued
 
     def stats(self) -> EngineStats:
         """A consistent snapshot, safe from any thread."""

@@ -30,3 +30,11 @@ class EngineDeadError(TandemError, RuntimeError):
 
 class EngineHungError(EngineDeadError):
     """A step ran past the watchdog's timeout; the engine thread is presumed wedged."""
+
+
+class EngineBusyError(TandemError):
+    """The waiting queue is at its bound (`--max-waiting`); the request was not taken."""
+
+    def __init__(self, max_waiting: int) -> None:
+        super().__init__(f"{max_waiting} requests are already waiting (--max-waiting); retry later")
+        self.max_waiting = max_waiting

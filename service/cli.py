@@ -205,7 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     opts = from_flags(ServerOptions, args, auth_tokens=tokens)
     server_credentials(opts)  # bad TLS flags fail before the model loads
     config = from_flags(EngineConfig, args, limits=from_flags(RequestLimits, args))
-    return run(Engine(config, scheduler), opts)
+    return run(lambda: Engine(config, scheduler), opts)
 
 
 def cmd_bench(argv: list[str]) -> int:

@@ -7,20 +7,20 @@ from dataclasses import asdict
 import grpc
 
 import tandem
-from tandem.engine import Engine
+from tandem.service.engine_slot import EngineSlot
 from tandem.v1 import info_pb2 as pb
 from tandem.v1 import info_pb2_grpc as pb_grpc
 
 
 class InfoServicer(pb_grpc.InfoServiceServicer):
-    def __init__(self, engine: Engine, max_waiting: int) -> None:
-        self.engine = engine
+    def __init__(self, slot: EngineSlot, max_waiting: int) -> None:
+        self.slot = slot
         self.max_waiting = max_waiting
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        m = self.engine.model
+        m = (await self.slot.get(context)).model
         return pb.GetModelInfoResponse(
             name=m.name,
             architecture=(m.config.architectures or [type(m.model).__name__])[0],
@@ -34,17 +34,18 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
-        c = self.engine.config
+        engine = await self.slot.get(context)
+        c = engine.config
         return pb.GetServerInfoResponse(
             version=tandem.__version__,
-            scheduler=self.engine.scheduler_name,
-            scheduler_options=self.engine.scheduler_options,
+            scheduler=engine.scheduler_name,
+            scheduler_options=engine.scheduler_options,
             max_batch_tokens=c.max_batch_tokens,
             max_num_seqs=c.max_num_seqs,
             max_waiting=self.max_waiting,
             block_size=c.block_size,
-            kv_blocks=self.engine.stats().kv_blocks_total,
+            kv_blocks=engine.stats().kv_blocks_total,
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
-        return pb.GetLoadResponse(**asdict(self.engine.load()))
+        return pb.GetLoadResponse(**asdict((await self.slot.get(context)).load()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tandem.engine import Engine, StoppingCriteria
 from tandem.service.auth import BearerAuthInterceptor
+from tandem.service.engine_slot import EngineSlot
 from tandem.service.info import InfoServicer
 from tandem.service.servicer import GenerationServicer
 from tandem.v1 import generation_pb2 as pb
@@ -87,7 +89,7 @@ async def _set_health(
         await servicer.set(name, status)
 
 
-def build_server(engine: Engine, opts: ServerOptions) -> Server:
+def build_server(slot: EngineSlot, opts: ServerOptions) -> Server:
     credentials = server_credentials(opts)
     interceptors = [BearerAuthInterceptor(opts.auth_tokens)] if opts.auth_tokens else []
     size = opts.max_message_bytes
@@ -101,11 +103,9 @@ def build_server(engine: Engine, opts: ServerOptions) -> Server:
     async def not_serving() -> None:
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    generation = GenerationServicer(
-        engine, opts.max_waiting, on_engine_failure=not_serving, log_prompts=opts.log_prompts
-    )
+    generation = GenerationServicer(slot, opts.max_waiting, on_engine_failure=not_serving, log_prompts=opts.log_prompts)
     pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
-    info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(engine, opts.max_waiting), server)
+    info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(slot, opts.max_waiting), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (GENERATION_SERVICE, INFO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
@@ -114,12 +114,21 @@ def build_server(engine: Engine, opts: ServerOptions) -> Server:
     return Server(server, health_servicer, port, credentials is not None)
 
 
-async def serve(engine: Engine, opts: ServerOptions) -> int:
+async def serve(slot: EngineSlot, load: Callable[[], Engine], opts: ServerOptions) -> int:
+    """Open the port (health NOT_SERVING), load and warm up the engine, then serve until
+    SIGTERM/SIGINT (drain) or an engine failure (exit 70)."""
     host, grace = opts.host, opts.grace
-    built = build_server(engine, opts)
+    built = build_server(slot, opts)
     server = built.grpc_server
     await built.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    print(f"tandem starting on {host}:{built.port}", flush=True)
+    log.info("loading", host=host, port=built.port)
+    try:
+        engine = slot.engine = await asyncio.to_thread(load)
+    except BaseException:
+        await server.stop(None)
+        raise
     # Warm up before declaring SERVING: the first forward pass allocates and compiles.
     await asyncio.to_thread(engine.generate, [[4, 5, 6]], None, StoppingCriteria(max_new_tokens=2))
     await built.set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -165,9 +174,12 @@ async def _engine_failure(engine: Engine, poll_s: float = 0.2) -> None:
         await asyncio.sleep(poll_s)
 
 
-def run(engine: Engine, opts: ServerOptions) -> int:
+def run(load: Callable[[], Engine], opts: ServerOptions) -> int:
+    """Serve the engine `load` builds; the port is open (NOT_SERVING) while it loads."""
+    slot = EngineSlot()
     try:
-        return asyncio.run(serve(engine, opts))
+        return asyncio.run(serve(slot, load, opts))
     finally:
-        engine.shutdown(timeout=5.0)
+        if slot.engine is not None:
+            slot.engine.shutdown(timeout=5.0)
         sys.stdout.flush()

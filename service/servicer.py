@@ -9,7 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import structlog
 
-from tandem.engine import Engine, EngineDeadError, GenerationRequest, InvalidRequestError, RequestOutput
+from tandem.engine import (
+    EngineBusyError,
+    EngineDeadError,
+    GenerationRequest,
+    InvalidRequestError,
+    RequestOutput,
+)
 from tandem.engine.errors import EngineHungError
 from tandem.service import metrics
 from tandem.service.convert import (
@@ -21,6 +27,7 @@ from tandem.service.convert import (
     to_request,
     usage,
 )
+from tandem.service.engine_slot import EngineSlot
 from tandem.service.errors import invalid_argument, resource_exhausted
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
@@ -51,25 +58,19 @@ def _bad_request_id(request_id: str) -> str | None:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(
         self,
-        engine: Engine,
+        slot: EngineSlot,
         max_waiting: int,
         on_engine_failure: Callable[[], Awaitable[None]] | None = None,
         log_prompts: bool = False,
     ) -> None:
-        self.engine = engine
+        self.slot = slot
         self.max_waiting = max_waiting
         self.on_engine_failure = on_engine_failure
         self.log_prompts = log_prompts  # off: prompt and output text never reach the logs
 
     async def _prepare(self, msg: GenerateMessage, context: Context) -> GenerationRequest:
-        if self.engine.dead is not None:
+        if (await self.slot.get(context)).dead is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine has failed; this server is not serving")
-        if self.engine.num_waiting >= self.max_waiting:
-            await context.abort_with_status(
-                resource_exhausted(
-                    f"{self.max_waiting} requests are already waiting (--max-waiting); retry later", retry_after_s=1.0
-                )
-            )
         try:
             request = to_request(msg)
         except InvalidRequestError as exc:
@@ -83,8 +84,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _outputs(self, request: GenerationRequest, context: Context) -> AsyncIterator[RequestOutput]:
         """The engine's outputs; engine errors become gRPC statuses."""
         try:
-            async for out in self.engine.stream(request):
+            async for out in (await self.slot.get(context)).stream(request, self.max_waiting):
                 yield out
+        except EngineBusyError as exc:
+            await context.abort_with_status(resource_exhausted(str(exc), retry_after_s=1.0))
         except InvalidRequestError as exc:
             await context.abort_with_status(invalid_argument(api_field(exc.field, request), exc.message))
         except EngineDeadError as exc:
@@ -172,10 +175,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
 
     async def Abort(self, msg: pb.AbortRequest, context: Context) -> pb.AbortResponse:
+        engine = await self.slot.get(context)
         for request_id in msg.request_ids:
-            self.engine.abort(request_id)
+            engine.abort(request_id)
         return pb.AbortResponse()
 
     async def Tokenize(self, msg: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
-        ids = self.engine.tokenizer.encode(msg.text, add_special_tokens=msg.add_special_tokens)
+        ids = (await self.slot.get(context)).tokenizer.encode(msg.text, add_special_tokens=msg.add_special_tokens)
         return pb.TokenizeResponse(token_ids=ids)

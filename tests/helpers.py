@@ -62,6 +62,8 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[ServerP
     proc.log_path = log.name
     assert proc.stdout is not None
     line = proc.stdout.readline()
+    if line.startswith("tandem starting on"):  # the port is open; the model loads
+        line = proc.stdout.readline()
     if not line.startswith("tandem serving on"):
         proc.kill()
         raise RuntimeError(f"server did not start: {line!r} {server_log(proc)}")

@@ -177,3 +177,23 @@ def test_tuned_generate_batch_reports_its_best_whole_workload_trial() -> None:
     assert row["system"] == "transformers generate_batch fifo"
     assert row["tokens_per_s"] == max(t["tokens_per_s"] for t in trials)
     assert row["output_tokens"] == report["workload"]["output_tokens"]
+
+
+def test_progress_redraws_only_on_a_terminal() -> None:
+    import io
+
+    from tandem.bench.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, live in ((io.StringIO(), False), (Terminal(), True)):
+        bar = Progress("phase", 4, stream=stream)
+        for _ in range(4):
+            bar.advance()
+        bar.close()
+        text = stream.getvalue()
+        assert ("\r" in text) is live
+        assert "phase" in text and " 4/4 " in text.splitlines()[-1] and text.count("\n") == 1
+    assert stream.getvalue().count("\r") >= 2  # the terminal saw it redrawn

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +76,17 @@ def test_half_precision_runs(dtype) -> None:
             [[5, 6, 7, 8]], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=8, ignore_eos=True)
         )
         assert len(out[0].token_ids) == 8
+
+
+def test_preset_directories_take_the_users_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache shared between users (TANDEM_CACHE_DIR) must be readable by the others."""
+    from tandem.engine.model import presets
+
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(presets, "build", lambda preset, out: (out / "config.json").write_text("{}"))
+    old = os.umask(0o022)
+    try:
+        path = presets.preset_path("tiny-llama")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755

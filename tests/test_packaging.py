@@ -44,13 +44,14 @@ def test_serving_imports_no_benchmark_code(tmp_path: Path) -> None:
 import sys
 from tandem.service.cli import build_parser
 from tandem.service.flags import from_flags
+from tandem.service.engine_slot import EngineSlot
 from tandem.service.server import ServerOptions, build_server
 from tandem.engine import Engine, EngineConfig
 from tandem.schedulers import load_scheduler
 
 args = build_parser().parse_args(["serve", "--port", "0", "--model", "tiny-llama"])
 engine = Engine(from_flags(EngineConfig, args), load_scheduler("fcfs"))
-server = build_server(engine, from_flags(ServerOptions, args))
+server = build_server(EngineSlot(engine), from_flags(ServerOptions, args))
 assert server.port > 0
 engine.shutdown()
 print(sorted(m for m in sys.modules if m.startswith(("matplotlib", "tandem.bench"))))

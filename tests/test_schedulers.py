@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -171,32 +173,30 @@ def test_api_version_mismatch_is_refused_at_load(monkeypatch) -> None:
 
 # -- the example plugin, installed as a user would ----------------------------------------
 @pytest.fixture(scope="module")
-def sjf_installed():
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            str(ROOT / "examples" / "scheduler-plugin"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+def sjf_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The plugin built as a user's pip builds it (isolated, so it needs no setuptools in the
+    venv) into a throwaway directory put on the path: nothing is left in the user's venv.
+    Yields the environment that lets a `tandem` subprocess see it too."""
+    target = tmp_path_factory.mktemp("sjf-site")
+    plugin = ROOT / "examples" / "scheduler-plugin"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(plugin)]
+    subprocess.run(pip, check=True, capture_output=True)
+    sys.path.insert(0, str(target))
     importlib.invalidate_caches()
-    yield
-    # Left installed: later runs reinstall it over itself.
+    yield {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
+    sys.path.remove(str(target))
+    sys.modules.pop("tandem_sjf", None)
+    importlib.invalidate_caches()
 
 
-def test_example_plugin_runs_by_its_entry_point_name(sjf_installed) -> None:
+def test_example_plugin_runs_by_its_entry_point_name(sjf_installed: dict[str, str]) -> None:
     assert "sjf" in available_schedulers()
     report = check_scheduler(lambda: load_scheduler("sjf", {"aging": "4"}), max_examples=60)
     assert report.preemptions > 0
     tandem = Path(sys.executable).parent / "tandem"
-    listing = subprocess.run([str(tandem), "schedulers"], capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        [str(tandem), "schedulers"], capture_output=True, text=True, check=True, env=sjf_installed
+    ).stdout
     assert [line.split()[0] for line in listing.splitlines()] == ["async-overlap", "fcfs", "prefill-priority", "sjf"]
     gen = subprocess.run(
         [
@@ -214,11 +214,12 @@ def test_example_plugin_runs_by_its_entry_point_name(sjf_installed) -> None:
         ],
         capture_output=True,
         text=True,
+        env=sjf_installed,
     )
     assert gen.returncode == 0 and "8 tokens" in gen.stderr, gen.stderr
 
 
-def test_sjf_runs_short_jobs_first(sjf_installed) -> None:
+def test_sjf_runs_short_jobs_first(sjf_installed: dict[str, str]) -> None:
     core = small_core(num_blocks=64, block_size=4, max_batch_tokens=16, max_num_seqs=1, scheduler="sjf")
     for rid, n in (("long", 40), ("short", 6), ("mid", 12)):
         core.add(

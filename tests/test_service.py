@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -225,6 +227,78 @@ def test_info_service_and_blocks_back_after_cancel(server, stub) -> None:
     assert _wait_for(lambda: info.GetLoad(info_pb2.GetLoadRequest()).kv_blocks_used == 0)
     load = info.GetLoad(info_pb2.GetLoadRequest())
     assert load.running == 0 and load.waiting == 0 and load.output_tokens_per_second > 0
+
+
+def test_port_opens_first_and_health_says_not_serving_while_loading(tmp_path: Path) -> None:
+    """On a fresh preset cache the model takes seconds to build: probes must see NOT_SERVING
+    (not connection refused) and RPCs UNAVAILABLE until it is loaded and warmed up."""
+    env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path)}
+    args = [str(Path(sys.executable).parent / "tandem"), "serve", "--port", "0", "--model", "tiny-llama"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("tandem starting on"), first
+        target = first.split()[3]
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.GenerationServiceStub(channel).Generate(pb.GenerateRequest(text="early"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in (err.value.details() or "")
+            seen = set()
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                status = health.Check(health_pb2.HealthCheckRequest()).status
+                seen.add(status)
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.1)
+            assert status == health_pb2.HealthCheckResponse.SERVING, seen
+        assert proc.stdout.readline().startswith("tandem serving on")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_max_waiting_holds_exactly_under_a_burst() -> None:
+    """Admission and enqueue are one step: concurrent handlers cannot all pass the check."""
+    bound, burst = 4, 24
+    proc, target = start_server("--model", "tiny-llama", "--max-num-seqs", "1", "--max-waiting", str(bound))
+    try:
+        info_pb2, info = _info(target)
+        with grpc.insecure_channel(target) as channel:
+            running = pb_grpc.GenerationServiceStub(channel).GenerateStream(_greedy("first", 1000))
+            next(running)  # admitted: it holds the only sequence slot until cancelled
+            assert _wait_for(lambda: info.GetLoad(info_pb2.GetLoadRequest()).running == 1)
+
+            async def fire() -> list[str]:
+                async with grpc.aio.insecure_channel(target) as aio:
+                    stub = pb_grpc.GenerationServiceStub(aio)
+
+                    async def one(i: int) -> str:
+                        try:
+                            req = pb.GenerateRequest(text=f"burst {i}", stopping=pb.StoppingCriteria(max_new_tokens=2))
+                            await stub.Generate(req, timeout=120)
+                            return "OK"
+                        except grpc.aio.AioRpcError as exc:
+                            return exc.code().name
+
+                    calls = [asyncio.ensure_future(one(i)) for i in range(burst)]
+                    # The refused answer at once; the admitted wait behind `running` until it ends.
+                    while sum(c.done() for c in calls) < burst - bound:
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.5)  # nothing further is refused or admitted meanwhile
+                    assert sum(c.done() for c in calls) == burst - bound
+                    assert (await asyncio.to_thread(info.GetLoad, info_pb2.GetLoadRequest())).waiting == bound
+                    running.cancel()
+                    return list(await asyncio.gather(*calls))
+
+            codes = asyncio.run(fire())
+        assert codes.count("OK") == bound and codes.count("RESOURCE_EXHAUSTED") == burst - bound, codes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 def test_full_queue_gets_resource_exhausted_with_retry_info() -> None:

@@ -139,6 +139,12 @@ def build(preset: Preset, out_dir: Path) -> None:
     train_tokenizer(preset.vocab_size).save_pretrained(out_dir)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def preset_path(name: str) -> Path:
     """The preset's directory, built on first use (safe against concurrent builders)."""
     preset = PRESETS[name]
@@ -152,6 +158,9 @@ def preset_path(name: str) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
             try:
                 build(preset, tmp)
+                # mkdtemp makes it 0700: a cache shared between users (TANDEM_CACHE_DIR) needs the
+                # permissions any directory of theirs would get.
+                tmp.chmod(0o777 & ~_umask())
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
