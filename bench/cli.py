@@ -12,12 +12,16 @@ from tandem.bench.workloads import NAMES
 from tandem.service.logs import configure_logging
 
 EXTRA = "bench"
-EXTRA_MODULES = ("matplotlib", "psutil")  # plots; transformers' continuous batching asks for psutil
 PEERS = ["hf-fifo", "hf-prefill-first", "hf-async-fifo", "hf-static"]
 
 
-def missing_extra() -> list[str]:
-    return [name for name in EXTRA_MODULES if importlib.util.find_spec(name) is None]
+def missing_extra(args: argparse.Namespace) -> list[str]:
+    """The `bench` extra's modules this run needs and lacks: matplotlib for --plots, psutil for
+    transformers' continuous batching (the offline peers)."""
+    needed = ["matplotlib"] if args.plots else []
+    if args.bench == "offline" and any(p.startswith("hf-") for p in args.peers):
+        needed.append("psutil")
+    return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
 def cmd_offline(args: argparse.Namespace) -> int:
@@ -172,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(verbose=False)
-    if missing := missing_extra():
+    if missing := missing_extra(args):
         print(
             f"tandem bench needs the '{EXTRA}' extra ({', '.join(missing)} missing): pip install 'tandem[{EXTRA}]'",
             file=sys.stderr,

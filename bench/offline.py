@@ -46,7 +46,7 @@ def run_tandem(
     with Engine(config, load_scheduler(name, options)) as engine:
         model_ = engine.model.model
         # NOTE: before the engine's first step, and on a thread that exits: a second live
-        # OpenMP team slows every GEMM (engine/threads.py); measured with one, the roofline
+        # OpenMP team slows every GEMM (engine/host/threads.py); measured with one, the roofline
         # read 12% low (192 vs 217 GFLOP/s) and flattered the fraction.
         roofline_at = lambda b: rooflines.setdefault(b, on_fresh_thread(matmul_roofline, model_, b))  # noqa: E731
         roofline_at(config.max_num_seqs)

@@ -142,7 +142,7 @@ class Engine:
         self.core, self.model = on_fresh_thread(build_core, self.config, scheduler)  # see tandem.engine.host.threads
         self.tokenizer = self.model.tokenizer
         self.scheduler_name = scheduler.name or type(scheduler).__name__
-        self.scheduler_options = {k: str(v) for k, v in scheduler.options.items()}
+        self.scheduler_options = {k: str(v) for k, v in scheduler.loaded_with.items()}
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._lock = threading.Lock()
@@ -380,6 +380,7 @@ class Engine:
                 with self._lock:
                     self._sinks.pop(out.request_id, None)
                 self.core.abort(out.request_id)
+                self._publish(0)  # the engine may go idle next: the snapshot must show the freed blocks
 
     def _fail(self, exc: BaseException) -> None:
         if not isinstance(exc, EngineDeadError) or isinstance(exc, EngineHungError):

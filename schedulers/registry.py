@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
+from types import MappingProxyType
 
 from tandem.engine.errors import TandemError
 from tandem.engine.host.scheduling import API_VERSION, Scheduler
@@ -80,7 +81,10 @@ def load_scheduler(name: str, options: Mapping[str, object] | None = None) -> Sc
         raise
     except (TypeError, ValueError) as exc:
         raise SchedulerLoadError(f"scheduler {name!r}: {exc}") from exc
-    scheduler.options = dict(options or {})
+    try:
+        scheduler.loaded_with = MappingProxyType(dict(options or {}))
+    except AttributeError:  # a plugin with __slots__ or its own read-only attribute: it reports none
+        pass
     return scheduler
 
 

@@ -50,6 +50,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="log engine events to stderr")
 
 
+def seconds_or_never(text: str) -> float | None:
+    """A number of seconds; 0 means never."""
+    return float(text) or None
+
+
 def _scheduler(args: argparse.Namespace) -> Scheduler:
     return load_scheduler(args.scheduler, parse_options(args.scheduler_opt))
 
@@ -166,7 +171,7 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
         EngineConfig,
         "step_timeout_s",
         "--step-timeout",
-        type=lambda s: float(s) or None,
+        type=seconds_or_never,
         default=300.0,
         help="seconds one engine step may run before the engine is declared hung (0: never)",
     )

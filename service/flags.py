@@ -11,8 +11,15 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every flag's default."""
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows each flag's default, where it has a value to show (not for on/off
+    switches, nor for None, whose meaning the help text says)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help = action.help or ""
+        if action.nargs == 0 or action.default is None or "%(default)" in help or not action.option_strings:
+            return help
+        return help + " (default: %(default)s)"
 
 
 def field_default(cls: type, name: str) -> Any:
@@ -29,9 +36,9 @@ def field_default(cls: type, name: str) -> Any:
 def field_flag(group: argparse._ActionsContainer, cls: type, name: str, *flags: str, **kwargs: Any) -> argparse.Action:
     """A flag (default `--field-name`) that sets `cls.name`, defaulting to the field's default."""
     kwargs.setdefault("default", field_default(cls, name))
-    if kwargs.get("action") not in ("store_true", "store_false") and "choices" not in kwargs:
-        kwargs.setdefault("metavar", name.upper())
     flags = flags or (f"--{name.replace('_', '-')}",)
+    if kwargs.get("action") not in ("store_true", "store_false") and "choices" not in kwargs:
+        kwargs.setdefault("metavar", flags[0].lstrip("-").replace("-", "_").upper())
     return group.add_argument(*flags, dest=f"{cls.__name__}.{name}", **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics: per-request histograms from the servicer, engine state read at scrape."""
+"""Prometheus metrics: per-request histograms from the servicer, the engine's stats snapshot at scrape."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sys
 from collections.abc import Callable
@@ -79,14 +80,8 @@ class Server:
     tls: bool
 
     async def set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        await _set_health(self.health, status)
-
-
-async def _set_health(
-    servicer: health.aio.HealthServicer, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
-) -> None:
-    for name in ("", GENERATION_SERVICE, INFO_SERVICE):
-        await servicer.set(name, status)
+        for name in ("", GENERATION_SERVICE, INFO_SERVICE):
+            await self.health.set(name, status)
 
 
 def build_server(slot: EngineSlot, opts: ServerOptions) -> Server:
@@ -98,20 +93,17 @@ def build_server(slot: EngineSlot, opts: ServerOptions) -> Server:
         ("grpc.max_send_message_length", max(size, 64 * 2**20)),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    health_servicer = health.aio.HealthServicer()
-
-    async def not_serving() -> None:
-        await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-
+    address = f"{opts.host}:{opts.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    built = Server(server, health.aio.HealthServicer(), port, credentials is not None)
+    not_serving = functools.partial(built.set_health, health_pb2.HealthCheckResponse.NOT_SERVING)
     generation = GenerationServicer(slot, opts.max_waiting, on_engine_failure=not_serving, log_prompts=opts.log_prompts)
     pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
     info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(slot, opts.max_waiting), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(built.health, server)
     names = (GENERATION_SERVICE, INFO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    address = f"{opts.host}:{opts.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    return Server(server, health_servicer, port, credentials is not None)
+    return built
 
 
 async def serve(slot: EngineSlot, load: Callable[[], Engine], opts: ServerOptions) -> int:

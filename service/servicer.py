@@ -41,8 +41,8 @@ def _request_id(msg: GenerateMessage, context: Context) -> str:
     if msg.request_id:
         return msg.request_id
     for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value:
-            return value if isinstance(value, str) else value.decode("ascii", "replace")
+        if key == "x-request-id" and isinstance(value, str) and value:  # -bin keys alone carry bytes
+            return value
     return uuid.uuid4().hex
 
 
@@ -104,15 +104,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         received = time.monotonic()
         request = await self._prepare(msg, context)
         self._received(request, "GenerateStream")
-        first_at: float | None = None
-        last_at = ttft_at = received
+        first_at: float | None = None  # the first response's time
+        last_at = received
         tokens, finished, text = 0, False, []
         try:
             async for out in self._outputs(request, context):
                 now = time.monotonic()
                 response = stream_response(out, first_at is None)
                 if first_at is None:
-                    first_at = ttft_at = now
+                    first_at = now
                     metrics.TTFT.observe(now - received)
                     log.info("first_token", request_id=request.request_id, seconds=round(now - received, 4))
                 else:
@@ -124,7 +124,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 if out.finished:
                     finished = True
                     response.usage.CopyFrom(usage(out, tokens))
-                    response.timings.time_to_first_token_seconds = ttft_at - received
+                    response.timings.time_to_first_token_seconds = (first_at or now) - received
                     response.timings.queue_seconds = out.queue_seconds or 0.0
                     response.timings.total_seconds = now - received
                     self._finished(request.request_id, out, tokens, received, "".join(text))
@@ -141,7 +141,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     def _finished(self, request_id: str | None, last: RequestOutput, tokens: int, received: float, text: str) -> None:
         seconds = time.monotonic() - received
-        reason = last.finish_reason.value if last.finish_reason else "unknown"
+        assert last.finish_reason is not None, "the last output of a request is its finish"
+        reason = last.finish_reason.value
         metrics.E2E.observe(seconds)
         metrics.REQUESTS.labels(reason, "OK").inc()
         extra = dict(output=text) if self.log_prompts else {}

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib  # Python 3.11+, as CI runs; the package itself supports 3.10
+
+tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ (the package itself supports 3.10)")
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = {"tandem": "tandem", "tandem.engine": "engine", "tandem.schedulers": "schedulers",

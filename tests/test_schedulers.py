@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import small_core
-from tandem.engine import EngineDeadError, GenerationRequest, StoppingCriteria
+from helpers import make_engine, small_core
+from tandem.engine import Engine, EngineConfig, EngineDeadError, GenerationRequest, StoppingCriteria
 from tandem.schedulers import (
     ENTRY_POINT_GROUP,
     Scheduler,
@@ -134,8 +134,6 @@ def test_kv_overcommit_and_finished_requests_are_refused() -> None:
 
 
 def test_a_refused_decision_fails_the_engine_with_the_plugin_named() -> None:
-    from tandem.engine import Engine, EngineConfig
-
     with Engine(EngineConfig(model="tiny-llama"), Scripted(lambda ctx: ctx.schedule(ctx.waiting[0], -1))) as eng:
         with pytest.raises(EngineDeadError, match="scheduler 'scripted'"):
             eng.generate([[5, 6, 7]])
@@ -231,3 +229,15 @@ def test_sjf_runs_short_jobs_first(sjf_installed: dict[str, str]) -> None:
     while core.has_work():
         order += [o.request_id for o in core.step() if o.finished]
     assert order == ["short", "mid", "long"]
+
+
+def test_the_engine_reports_the_options_its_scheduler_was_loaded_with() -> None:
+    scheduler = load_scheduler("prefill-priority", parse_options(["max_decode_stall=3"]))
+    assert scheduler.max_decode_stall == 3  # type: ignore[attr-defined]
+    with make_engine("prefill-priority", model="tiny-llama") as engine:
+        assert engine.scheduler_name == "prefill-priority"
+    engine = Engine(EngineConfig(model="tiny-llama"), scheduler)
+    try:
+        assert engine.scheduler_options == {"max_decode_stall": "3"}
+    finally:
+        engine.shutdown()

@@ -97,11 +97,6 @@ class ExecutorStats:
             sampled = host.sections.sample_rows[1]
             self.trace.append(StepTrace(host.num_tokens, rows, sampled, host.attended_keys, busy))
 
-    @property
-    def idle_fraction(self) -> float:
-        total = self.busy_seconds + self.idle_seconds
-        return self.idle_seconds / total if total else 0.0
-
 
 class Executor:
     def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0) -> None:

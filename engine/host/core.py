@@ -1,8 +1,9 @@
-"""The engine core: request state machine, KV bookkeeping and outputs, one step at a time.
+"""The engine core: one step at a time, from the scheduler's decision to the requests' outputs.
 
 Single-threaded by design: `Engine` runs it on its own thread and feeds it commands. The
-scheduling decision is delegated to a `SchedulingPolicy`; everything that must stay
-consistent (blocks, finishing, streaming) stays here.
+scheduling decision is delegated to a `Scheduler` through a `StepContext`; the requests' state
+lives in `RequestQueues` and their blocks in `KVAccounting`; launching, collecting, stop checks
+and outputs stay here.
 """
 
 from __future__ import annotations
@@ -231,8 +232,8 @@ class EngineCore:
         token = choice.token_id
         if seq.logprobs is not None:
             # The batch computes the largest top-N any row asked for; each gets its own N.
-            logprob = choice.logprob if choice.logprob is not None else float("nan")  # computed when asked for
-            seq.logprobs.append(TokenLogprob(token, logprob, choice.top[: seq.request.output.top_logprobs]))
+            assert choice.logprob is not None, "a step computes logprobs when any row asks for them"
+            seq.logprobs.append(TokenLogprob(token, choice.logprob, choice.top[: seq.request.output.top_logprobs]))
         stopping = seq.request.stopping
         reason = None
         if token in self.eos_token_ids and not stopping.ignore_eos:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar, NoReturn
 
 from tandem.engine.errors import TandemError
@@ -45,7 +46,9 @@ class Scheduler(ABC):
     api_version: ClassVar[int] = API_VERSION
     uses_priority: bool = False  # whether GenerationRequest.priority changes decisions
     overlap: ClassVar[bool] = False  # run steps pipelined: plan N+1 while N computes (async-overlap)
-    options: Mapping[str, object] = {}  # what it was built with; set by the registry's load_scheduler
+    # The options it was loaded with, as given (GetServerInfo reports them). Set by the registry's
+    # load_scheduler under a name a plugin is unlikely to use for its own state.
+    loaded_with: Mapping[str, object] = MappingProxyType({})
 
     @abstractmethod
     def schedule(self, ctx: StepContext) -> None:
