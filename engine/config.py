@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tandem.engine.request import RequestLimits
 
 CPU_DEFAULT_KV_GB = 1.0
+
+
+def cache_root() -> Path:
+    """Where built presets and kernels are kept (TANDEM_CACHE_DIR, default ~/.cache/tandem)."""
+    return Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem"))
 
 
 @dataclass

@@ -101,3 +101,23 @@ def test_fused_cpu_decode_kernel_equals_gather_and_sdpa(kv_heads: int, heads: in
         scale=dim**-0.5,
     ).squeeze(2)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_killed_kernel_build_does_not_hang_later_starts() -> None:
+    """A build killed midway leaves torch's lock file behind; the next start must not wait on it
+    forever (torch's own wait has no timeout)."""
+    import subprocess
+    import sys
+
+    from tandem.engine.device.paged_cpu import TORCH_LOCK, build_dir
+
+    if os.environ.get("TANDEM_CPU_KERNEL") == "0":
+        pytest.skip("the CPU kernel is switched off (TANDEM_CPU_KERNEL=0)")
+    build_dir().mkdir(parents=True, exist_ok=True)
+    (build_dir() / TORCH_LOCK).write_text("")  # what a SIGKILLed builder leaves
+    code = "from tandem.engine.device.paged_cpu import decode_kernel; print(decode_kernel() is not None)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
+    assert "cpu_kernel_stale_lock_removed" in res.stdout + res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "True"
+    assert not (build_dir() / TORCH_LOCK).exists()

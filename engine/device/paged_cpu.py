@@ -6,12 +6,13 @@ each row's slots in place (OpenMP over rows, longest first; online softmax over 
 keys) and reads every byte once, prefetching a few slots ahead because the slots' order is
 data-dependent and the hardware prefetcher cannot follow it (2x on its own, measured). Built
 for this machine's CPU (-march=native; the build's name carries a hash of the CPU's flags)
-with torch's C++ extension loader (g++ and ninja), cached under torch's extensions directory;
+with torch's C++ extension loader (g++ and ninja), cached under tandem's cache (`build_dir`);
 where it cannot be built, or TANDEM_CPU_KERNEL=0, the gather + SDPA path is used instead.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import structlog
+
+from tandem.engine.config import cache_root
 
 log = structlog.get_logger("tandem.engine")
 
@@ -41,17 +44,38 @@ def decode_kernel() -> Callable | None:
     try:
         from torch.utils.cpp_extension import load
 
-        # -ffast-math lets g++ vectorize exp (libmvec); the kernel never forms an inf or a NaN
-        module = load(
-            f"tandem_paged_cpu_v6_{_cpu_tag()}",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffast-math"],
-            extra_ldflags=["-fopenmp"],
-        )
+        build = build_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        # NOTE: torch's loader guards a build with a lock file it waits on without a timeout, so a
+        # build killed midway (Ctrl-C, SIGKILL) would hang every later start. Builders here first
+        # take an flock, which the OS drops when its holder dies: whoever holds it and still
+        # finds torch's lock file knows that file's owner is gone.
+        with open(build / ".tandem-build.lock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            stale = build / TORCH_LOCK
+            if stale.exists():
+                log.warning("cpu_kernel_stale_lock_removed", path=str(stale))
+                stale.unlink()
+            # -ffast-math lets g++ vectorize exp (libmvec); the kernel never forms an inf or a NaN
+            module = load(
+                build.name,
+                sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffast-math"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+            )
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja...: the portable path serves
         log.warning("cpu_kernel_unavailable", error=repr(exc)[:300])
         return None
     return module.paged_decode
+
+
+TORCH_LOCK = "lock"  # the file torch.utils.cpp_extension's FileBaton creates in the build directory
+
+
+def build_dir() -> Path:
+    """This CPU's build of the kernel, under tandem's cache."""
+    return cache_root() / "kernels" / f"tandem_paged_cpu_v6_{_cpu_tag()}"
 
 
 def _cpu_tag() -> str:

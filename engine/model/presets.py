@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tandem.engine.config import cache_root
+
 BUILD_VERSION = 2
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|endoftext|>"]  # ids 0-3; the last is what Qwen2Tokenizer expects
 _DATA = Path(__file__).parent / "data"
@@ -87,10 +89,6 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TANDEM_CACHE_DIR", Path.home() / ".cache" / "tandem"))
 
 
 def training_texts() -> list[str]:
