@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 
 import structlog
@@ -36,6 +38,7 @@ from tandem.engine.request import (
 
 log = structlog.get_logger("tandem.engine")
 THROUGHPUT_WINDOW_S = 10.0
+TOKENIZER_THREADS = 2  # bounded: a flood of long prompts queues here instead of taking the host
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ class Engine:
         self._step_started: float | None = None  # set while core.step() runs (watchdog)
         self._queued = 0  # submitted, not yet in a published snapshot
         self._snapshot = self._counters()
+        # Tokenizing a long prompt takes a while: async callers do it here, off their event loop.
+        self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tandem-tokenize")
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
         if self.config.step_timeout_s is not None:
@@ -217,7 +222,8 @@ class Engine:
         def sink(out: RequestOutput | BaseException) -> None:
             loop.call_soon_threadsafe(pending.put, out)
 
-        request_id = self.submit(request, sink, max_waiting)
+        seq = await loop.run_in_executor(self._tokenizers, self.core.make_sequence, request)
+        request_id = self._submit(seq, sink, max_waiting)
         done = False
         try:
             while not done:
@@ -230,6 +236,13 @@ class Engine:
         finally:
             if not done:
                 self.abort(request_id)
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's ids for `text`, computed off the caller's event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizers, functools.partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        )
 
     @property
     def dead(self) -> BaseException | None:
@@ -253,6 +266,7 @@ class Engine:
         """Stop the loop; with a timeout, a wedged engine thread is left behind (it is a
         daemon) rather than joined forever."""
         self._commands.put(("stop", None))
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("engine_thread_wedged", timeout_seconds=timeout)

@@ -256,6 +256,32 @@ def validate_prompt_ids(ids: list[int], limits: ModelLimits) -> None:
         )
 
 
+# A normalizer may fold a few characters into one (combining marks): slack on the lower bound.
+TEXT_BOUND_SLACK = 4
+
+
+def max_prompt_tokens(limits: ModelLimits) -> int:
+    """The longest prompt the server takes, in tokens (one position is left to generate)."""
+    cap = min(limits.max_model_len, limits.kv_capacity_tokens) - 1
+    return min(cap, limits.requests.max_prompt_tokens or cap)
+
+
+def validate_prompt_text(text: str, limits: ModelLimits, max_token_chars: int) -> None:
+    """Refuse, before tokenizing, a text that cannot fit: no token spells more than
+    `max_token_chars` characters, so a text has at least len(text) / max_token_chars tokens.
+    Tokenizing megabytes costs seconds; this costs nothing."""
+    if not text:
+        raise InvalidRequestError("prompt", "must not be empty")
+    tokens = max_prompt_tokens(limits)
+    bound = tokens * max_token_chars * TEXT_BOUND_SLACK
+    if len(text) > bound:
+        raise InvalidRequestError(
+            "prompt",
+            f"{len(text)} characters cannot fit the {tokens}-token prompt limit "
+            f"(at most {bound} characters are read: {max_token_chars} per token, {TEXT_BOUND_SLACK}x slack)",
+        )
+
+
 def validate_output(o: OutputOptions, limits: ModelLimits) -> None:
     _int(o.top_logprobs, "output.top_logprobs", 0)
     if o.top_logprobs > limits.max_top_logprobs:

@@ -182,5 +182,5 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return pb.AbortResponse()
 
     async def Tokenize(self, msg: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
-        ids = (await self.slot.get(context)).tokenizer.encode(msg.text, add_special_tokens=msg.add_special_tokens)
+        ids = await (await self.slot.get(context)).encode(msg.text, add_special_tokens=msg.add_special_tokens)
         return pb.TokenizeResponse(token_ids=ids)

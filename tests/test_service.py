@@ -229,6 +229,53 @@ def test_info_service_and_blocks_back_after_cancel(server, stub) -> None:
     assert load.running == 0 and load.waiting == 0 and load.output_tokens_per_second > 0
 
 
+FLOOD = """
+import sys, grpc
+from tandem.v1 import generation_pb2 as pb, generation_pb2_grpc as pb_grpc
+target, rounds = sys.argv[1], int(sys.argv[2])
+huge = "lorem ipsum " * 290_000  # ~3.5 MB: under the 4 MiB message cap, far over the prompt limit
+codes = []
+with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
+    stub = pb_grpc.GenerationServiceStub(channel)
+    for _ in range(rounds):
+        try:
+            stub.Generate(pb.GenerateRequest(text=huge), timeout=60)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name + ":" + (exc.details() or "")[:40])
+print(codes)
+"""
+
+
+def _worst_gap(stub: pb_grpc.GenerationServiceStub, n: int) -> float:
+    """The longest wait for a stream's next message, the first one's from the call included
+    (a stalled server delivers late, and then everything at once)."""
+    last, worst = time.perf_counter(), 0.0
+    for _ in stub.GenerateStream(_greedy("gaps", n)):
+        now = time.perf_counter()
+        worst, last = max(worst, now - last), now
+    return worst
+
+
+def test_huge_prompts_do_not_stall_other_streams(server: str) -> None:
+    """Prompts are tokenized off the event loop, and a text that cannot fit the prompt limit
+    is refused before tokenizing: a flood of ~3.5 MB prompts leaves other streams flowing."""
+    with grpc.insecure_channel(server) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        alone = min(_worst_gap(stub, 120) for _ in range(2))
+        floods = [
+            subprocess.Popen([sys.executable, "-c", FLOOD, server, "6"], stdout=subprocess.PIPE, text=True)
+            for _ in range(3)
+        ]
+        time.sleep(0.5)  # the floods are under way
+        flooded = _worst_gap(stub, 120)
+        outputs = [f.communicate(timeout=120)[0] for f in floods]
+    for out in outputs:
+        assert out.count("INVALID_ARGUMENT:text:") == 6, out
+    print(f"\nworst gap alone {alone * 1e3:.1f} ms, under the flood {flooded * 1e3:.1f} ms")
+    assert flooded < max(5 * alone, 0.25)
+
+
 def test_port_opens_first_and_health_says_not_serving_while_loading(tmp_path: Path) -> None:
     """On a fresh preset cache the model takes seconds to build: probes must see NOT_SERVING
     (not connection refused) and RPCs UNAVAILABLE until it is loaded and warmed up."""

@@ -20,7 +20,6 @@ from tandem.engine.device.batch import StepBatch, StepRow
 from tandem.engine.device.executor import Executor, StepHandle, TokenChoice
 from tandem.engine.device.placeholders import placeholder
 from tandem.engine.device.sampling import SampleSpec
-from tandem.engine.errors import InvalidRequestError
 from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.detokenizer import IncrementalDetokenizer, Tokenizer
 from tandem.engine.host.kv_accounting import KVAccounting
@@ -35,6 +34,7 @@ from tandem.engine.request import (
     TokenLogprob,
     validate_output,
     validate_prompt_ids,
+    validate_prompt_text,
     validate_sampling,
     validate_stopping,
 )
@@ -72,6 +72,9 @@ class EngineCore:
         self.kv = KVAccounting(blocks)
         self.queues = RequestQueues()
         self.tokenizer = tokenizer
+        # The longest token's spelling (byte-level BPE: its bytes; SentencePiece: its characters):
+        # bounds how many characters a prompt of N tokens can have.
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1)
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
         self.config = config or EngineConfig()  # its step limits are read afresh every step
@@ -88,8 +91,7 @@ class EngineCore:
         may run on the caller's thread."""
         prompt = request.prompt
         if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt", "must not be empty")
+            validate_prompt_text(prompt, self.limits, self.max_token_chars)
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             ids = list(prompt)

@@ -20,6 +20,8 @@ class Tokenizer(Protocol):
 
     def decode(self, token_ids: Any, skip_special_tokens: bool = ...) -> str: ...
 
+    def get_vocab(self) -> dict[str, int]: ...
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, stop_strings: list[str] | None = None) -> None:
