@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 
@@ -26,6 +27,21 @@ def load_tokens(path: str | Path) -> list[bytes]:
     return tokens
 
 
+def presented_token(metadata: object) -> bytes:
+    """The bearer token in `authorization` metadata, or b"" when there is none."""
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key == "authorization":
+            raw = value.encode() if isinstance(value, str) else value
+            if raw[:7].lower() == b"bearer ":
+                return bytes(raw[7:].strip())
+    return b""
+
+
+def credential_id(metadata: object) -> str:
+    """Who sent a call, as far as bearer auth knows: a digest of its token (never the token)."""
+    return hashlib.sha256(presented_token(metadata)).hexdigest()[:16]
+
+
 def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     async def deny(request_or_iterator, context: grpc.aio.ServicerContext):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -48,13 +64,8 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: list[bytes]) -> None:
         self._tokens = tokens
 
-    def _authorized(self, metadata) -> bool:
-        presented = b""
-        for key, value in metadata or ():
-            if key == "authorization":
-                raw = value.encode() if isinstance(value, str) else value
-                if raw[:7].lower() == b"bearer ":
-                    presented = raw[7:].strip()
+    def _authorized(self, metadata: object) -> bool:
+        presented = presented_token(metadata)
         ok = False
         for token in self._tokens:
             ok |= hmac.compare_digest(presented, token)

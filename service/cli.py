@@ -185,6 +185,9 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
         help="bearer tokens, one per line: every RPC but health needs 'authorization: Bearer <token>'",
     )
     field_flag(sec, opts, "log_prompts", action="store_true", help="log prompt and output text")
+    field_flag(
+        sec, opts, "max_health_watches_per_peer", type=int, help="health Watch streams one client address may hold"
+    )
     lim = serve.add_argument_group("request limits")
     L = RequestLimits
     field_flag(lim, L, "max_prompt_tokens", type=int, help="default: the model's context length")

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class ServerOptions:
     tls_client_ca: str | None = None
     auth_tokens: list[bytes] | None = None  # bearer tokens; None: no authentication
     log_prompts: bool = False  # prompt and output text in the logs (off: never logged)
+    max_health_watches_per_peer: int = 64  # health Watch streams one client address may hold
 
 
 def server_credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:
@@ -70,12 +72,37 @@ def server_credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:
     )
 
 
+class BoundedHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 with at most `max_watches` Watch streams per client address: each one
+    holds a task on the server for as long as the client keeps it open."""
+
+    def __init__(self, max_watches: int) -> None:
+        super().__init__()
+        self.max_watches = max_watches
+        self._watches: Counter[str] = Counter()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        peer = context.peer().rpartition(":")[0]  # "ipv4:127.0.0.1:50000" -> its address, any port
+        if self._watches[peer] >= self.max_watches:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_watches} health Watch streams are open from this address (--max-health-watches-per-peer)",
+            )
+        self._watches[peer] += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._watches[peer] -= 1
+            if not self._watches[peer]:
+                del self._watches[peer]
+
+
 @dataclass
 class Server:
     """The grpc.aio server with every service added, bound, not yet started."""
 
     grpc_server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: BoundedHealthServicer
     port: int
     tls: bool
 
@@ -95,9 +122,15 @@ def build_server(slot: EngineSlot, opts: ServerOptions) -> Server:
     server = grpc.aio.server(interceptors=interceptors, options=options)
     address = f"{opts.host}:{opts.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    built = Server(server, health.aio.HealthServicer(), port, credentials is not None)
+    built = Server(server, BoundedHealthServicer(opts.max_health_watches_per_peer), port, credentials is not None)
     not_serving = functools.partial(built.set_health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    generation = GenerationServicer(slot, opts.max_waiting, on_engine_failure=not_serving, log_prompts=opts.log_prompts)
+    generation = GenerationServicer(
+        slot,
+        opts.max_waiting,
+        on_engine_failure=not_serving,
+        log_prompts=opts.log_prompts,
+        scoped_aborts=bool(opts.auth_tokens),
+    )
     pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
     info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(slot, opts.max_waiting), server)
     health_pb2_grpc.add_HealthServicer_to_server(built.health, server)

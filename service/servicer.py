@@ -18,6 +18,7 @@ from tandem.engine import (
 )
 from tandem.engine.errors import EngineHungError
 from tandem.service import metrics
+from tandem.service.auth import credential_id
 from tandem.service.convert import (
     GenerateMessage,
     api_field,
@@ -62,11 +63,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         max_waiting: int,
         on_engine_failure: Callable[[], Awaitable[None]] | None = None,
         log_prompts: bool = False,
+        scoped_aborts: bool = False,
     ) -> None:
         self.slot = slot
         self.max_waiting = max_waiting
         self.on_engine_failure = on_engine_failure
         self.log_prompts = log_prompts  # off: prompt and output text never reach the logs
+        # With bearer auth on, a request may be aborted only by the credential that sent it.
+        self.scoped_aborts = scoped_aborts
+        self._owners: dict[str, str] = {}  # request id -> credential id, while it runs
 
     async def _prepare(self, msg: GenerateMessage, context: Context) -> GenerationRequest:
         if (await self.slot.get(context)).dead is not None:
@@ -83,8 +88,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def _outputs(self, request: GenerationRequest, context: Context) -> AsyncIterator[RequestOutput]:
         """The engine's outputs; engine errors become gRPC statuses."""
+        engine = await self.slot.get(context)
+        request_id = request.request_id or ""
+        # A second request with an id in flight is refused by the engine: it must not take the id over.
+        owns = self.scoped_aborts and request_id not in self._owners
+        if owns:
+            self._owners[request_id] = credential_id(context.invocation_metadata())
         try:
-            async for out in (await self.slot.get(context)).stream(request, self.max_waiting):
+            async for out in engine.stream(request, self.max_waiting):
                 yield out
         except EngineBusyError as exc:
             await context.abort_with_status(resource_exhausted(str(exc), retry_after_s=1.0))
@@ -97,6 +108,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             # A hung step may be transient on a fresh engine (retry elsewhere); a raised one is a bug.
             code = grpc.StatusCode.UNAVAILABLE if isinstance(exc, EngineHungError) else grpc.StatusCode.INTERNAL
             await context.abort(code, str(exc))
+        finally:
+            if owns:
+                del self._owners[request_id]
 
     async def GenerateStream(
         self, msg: pb.GenerateStreamRequest, context: Context
@@ -177,8 +191,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def Abort(self, msg: pb.AbortRequest, context: Context) -> pb.AbortResponse:
         engine = await self.slot.get(context)
+        caller = credential_id(context.invocation_metadata()) if self.scoped_aborts else ""
         for request_id in msg.request_ids:
-            engine.abort(request_id)
+            # Another credential's request is left alone, and the answer says nothing of it.
+            if self._owners.get(request_id, caller) == caller:
+                engine.abort(request_id)
         return pb.AbortResponse()
 
     async def Tokenize(self, msg: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:

@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import BIN, server_log, start_server
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
+from tandem.v1 import info_pb2, info_pb2_grpc
 
 TOKEN = "s3cret-token-never-logged-7f3a"
 PROMPT = "quokka sentinel phrase"
@@ -184,3 +186,62 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(pki) -> None:
 def test_tls_flags_are_checked_before_serving(pki) -> None:
     with pytest.raises(RuntimeError, match="go together"):
         start_server("--model", "tiny-llama", "--tls-cert", str(pki["server"]))
+
+
+def _auth(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def test_every_rpc_needs_a_token_and_aborts_stay_with_their_credential(pki) -> None:
+    proc, target = start_server(
+        "--model", "tiny-llama", "--auth-token-file", str(pki["tokens"]), "--max-health-watches-per-peer", "2"
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(target) as channel:
+            gen = pb_grpc.GenerationServiceStub(channel)
+            info = info_pb2_grpc.InfoServiceStub(channel)
+            stream_req = pb.GenerateStreamRequest(text=PROMPT, stopping=pb.StoppingCriteria(max_new_tokens=2))
+            unauthenticated = [
+                lambda: list(gen.GenerateStream(stream_req, timeout=30)),
+                lambda: gen.Abort(pb.AbortRequest(request_ids=["x"]), timeout=30),
+                lambda: gen.Tokenize(pb.TokenizeRequest(text=PROMPT), timeout=30),
+                lambda: info.GetModelInfo(info_pb2.GetModelInfoRequest(), timeout=30),
+                lambda: info.GetServerInfo(info_pb2.GetServerInfoRequest(), timeout=30),
+                lambda: info.GetLoad(info_pb2.GetLoadRequest(), timeout=30),
+            ]
+            assert [_code(call) for call in unauthenticated] == [grpc.StatusCode.UNAUTHENTICATED] * 6
+            assert gen.Tokenize(pb.TokenizeRequest(text=PROMPT), metadata=_auth(TOKEN), timeout=30).token_ids
+
+            def long(rid: str) -> pb.GenerateStreamRequest:
+                stopping = pb.StoppingCriteria(max_new_tokens=300, ignore_eos=True)
+                return pb.GenerateStreamRequest(request_id=rid, text=PROMPT, stopping=stopping)
+
+            # Another credential's Abort leaves the request running, and looks the same as a real one.
+            mine = gen.GenerateStream(long("mine"), metadata=_auth(TOKEN), timeout=120)
+            next(mine)
+            assert gen.Abort(pb.AbortRequest(request_ids=["mine"]), metadata=_auth("second-token"), timeout=30)
+            rest = list(mine)
+            assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            # Its own credential may abort it.
+            mine = gen.GenerateStream(long("mine-2"), metadata=_auth(TOKEN), timeout=120)
+            next(mine)
+            gen.Abort(pb.AbortRequest(request_ids=["mine-2"]), metadata=_auth(TOKEN), timeout=30)
+            assert list(mine)[-1].finish_reason == pb.FINISH_REASON_ABORTED
+
+            # Health Watch streams are bounded per client address.
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(2)]
+            assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+            third = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            with pytest.raises(grpc.RpcError) as err:
+                next(third)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            watches[0].cancel()
+            time.sleep(0.5)
+            again = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+            again.cancel()
+            watches[1].cancel()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
