@@ -18,6 +18,7 @@ from tandem.engine import Engine, EngineConfig, SamplingParams, StoppingCriteria
 from tandem.engine.host.threads import on_fresh_thread
 from tandem.schedulers import load_scheduler
 
+WARMUP_PROMPT = [3] * 20  # a full KV block and more, of a token no workload uses
 TANDEM_SYSTEMS = ("fcfs", "prefill-priority", "async-overlap:fcfs", "async-overlap:prefill-priority")
 
 
@@ -51,7 +52,9 @@ def run_tandem(
         roofline_at = lambda b: rooflines.setdefault(b, on_fresh_thread(matmul_roofline, model_, b))  # noqa: E731
         roofline_at(config.max_num_seqs)
         stops = [StoppingCriteria(max_new_tokens=n, ignore_eos=True) for n in work.output_lens]
-        engine.generate(work.prompts[:1], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=2))
+        # Warm-up on a prompt of no workload (ids 0-3 are the presets' specials, never drawn): a
+        # workload prompt would put its blocks (a shared prefix) in the cache before timing.
+        engine.generate([WARMUP_PROMPT], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=2))
         stats = engine.core.executor.stats
         busy, idle = stats.busy_seconds, stats.idle_seconds
         stats.trace = []
@@ -162,28 +165,79 @@ def run_hf_static(model, work: Workload, batch_size: int) -> Result:
 
 
 def tune_hf(
-    model, work: Workload, scheduler: str, grid: list[dict], tune_requests: int | None = None
+    model, work: Workload, scheduler: str, grid: list[dict] | None = None, tune_requests: int | None = None
 ) -> tuple[Result, list[Result]]:
-    """Each setting of `grid` on the workload (or its first `tune_requests` requests); returns
-    the fastest trial and all of them. On the whole workload the best trial is the result."""
+    """transformers' generate_batch on the workload (or its first `tune_requests` requests) at
+    each setting of `grid`, or by default a search: transformers' defaults and HF_GRID, then,
+    coarse to fine, the neighbours of the best on the HF_TOKENS x HF_REQUESTS lattice until the
+    best has run neighbours on every side (or sits at the lattice's bound), then the halfway
+    settings around it. Returns the fastest trial and all of them (`search_result` says where
+    the best lies)."""
     if tune_requests is not None:
         work = Workload(work.name, work.prompts[:tune_requests], work.output_lens[:tune_requests])
-    trials = [
-        run_hf_generate_batch(
-            model, work, scheduler, False, settings, label=f"tune {scheduler} {settings or 'defaults'}"
-        )
-        for settings in grid
-    ]
-    ok = [t for t in trials if t.error is None]
-    return (max(ok, key=lambda t: t.tokens_per_s) if ok else trials[0]), trials
+    trials: dict[tuple, Result] = {}
+
+    def run(settings: dict) -> None:
+        key = tuple(sorted(settings.items()))
+        if key not in trials:
+            label = f"tune {scheduler} {settings or 'defaults'}"
+            trials[key] = run_hf_generate_batch(model, work, scheduler, False, settings, label=label)
+
+    def best() -> Result:
+        ok = [t for t in trials.values() if t.error is None]
+        return max(ok, key=lambda t: t.tokens_per_s) if ok else next(iter(trials.values()))
+
+    for settings in grid if grid is not None else HF_GRID:
+        run(settings)
+    if grid is not None:
+        return best(), list(trials.values())
+    while True:  # coarse: powers of two
+        knobs = _knobs(best())
+        if knobs.get("max_batch_tokens") not in HF_TOKENS or knobs.get("max_requests_per_batch") not in HF_REQUESTS:
+            return best(), list(trials.values())  # transformers' own defaults won
+        t, r = HF_TOKENS.index(knobs["max_batch_tokens"]), HF_REQUESTS.index(knobs["max_requests_per_batch"])
+        around = [(t + dt, r + dr) for dt, dr in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+        fresh = [(i, j) for i, j in around if 0 <= i < len(HF_TOKENS) and 0 <= j < len(HF_REQUESTS)]
+        fresh = [(i, j) for i, j in fresh if _lattice(i, j) not in trials]
+        if not fresh:
+            break
+        for i, j in fresh:
+            run(dict(max_batch_tokens=HF_TOKENS[i], max_requests_per_batch=HF_REQUESTS[j]))
+    tokens, requests = HF_TOKENS[t], HF_REQUESTS[r]
+    halfway = [("max_batch_tokens", tokens * 3 // 4), ("max_batch_tokens", tokens * 3 // 2)]
+    halfway += [("max_requests_per_batch", requests * 3 // 4), ("max_requests_per_batch", requests * 3 // 2)]
+    for knob, value in halfway:  # fine: between the best and its neighbours
+        run({"max_batch_tokens": tokens, "max_requests_per_batch": requests, knob: value})
+    return best(), list(trials.values())
+
+
+def search_result(best: Result, grid: list[dict] | None) -> str:
+    """Where tune_hf's best setting lies: what the report says of the search."""
+    knobs = _knobs(best)
+    if grid is not None:
+        return "the best of the given grid"
+    if "max_batch_tokens" not in knobs:
+        return "transformers' defaults"
+    edges = (HF_TOKENS[0], HF_TOKENS[-1], HF_REQUESTS[0], HF_REQUESTS[-1])
+    if knobs["max_batch_tokens"] in edges[:2] or knobs["max_requests_per_batch"] in edges[2:]:
+        return "at the search's bound"
+    return "interior: slower settings tried on every side"
+
+
+def _lattice(i: int, j: int) -> tuple:
+    """The trial key of lattice point (HF_TOKENS[i], HF_REQUESTS[j])."""
+    return (("max_batch_tokens", HF_TOKENS[i]), ("max_requests_per_batch", HF_REQUESTS[j]))
 
 
 def _knobs(result: Result) -> dict:
     return {k: v for k, v in result.settings.items() if k not in ("scheduler_type", "use_async_batching")}
 
 
-# transformers' own defaults first, then its two batching budgets. On the CPU fewer requests
-# per batch ran faster: (512, 32) 153.9 tok/s against (512, 64) 94.1 on the `offline` workload.
+# transformers' own defaults first, then its two batching budgets, where the search starts. On
+# the CPU fewer requests per batch ran faster: (512, 32) 153.9 tok/s against (512, 64) 94.1 on
+# the `offline` workload.
+HF_TOKENS = (128, 256, 512, 1024, 2048, 4096, 8192)
+HF_REQUESTS = (4, 8, 16, 32, 64, 128)
 HF_GRID: list[dict[str, int]] = [{}] + [
     dict(max_batch_tokens=t, max_requests_per_batch=r) for t in (512, 2048) for r in (16, 32)
 ]
@@ -239,6 +293,7 @@ def bench_offline(
             results[-1].extra["repeat"] = rep
             gc.collect()
     tuning: dict[str, list[dict]] = {}
+    tuned: dict[str, dict] = {}  # per scheduler: the best setting and where it lies in the search
     hf = on_fresh_thread(_hf_model, path, dev, dtype) if peers else None
     for peer in peers:
         if peer == "hf-static":
@@ -250,8 +305,11 @@ def bench_offline(
         use_async = peer.startswith("hf-async")
         if tune and not use_async:
             progress(f"tuning transformers generate_batch {sched} on {tune_requests or 'all'} requests ...")
-            best, trials = on_fresh_thread(tune_hf, hf, work, sched, hf_grid or HF_GRID, tune_requests)
+            best, trials = on_fresh_thread(tune_hf, hf, work, sched, hf_grid, tune_requests)
+            where = search_result(best, hf_grid)
             tuning[sched] = [asdict(t) for t in trials]
+            tuned[sched] = dict(best=_knobs(best), where=where)
+            progress(f"transformers generate_batch {sched}: best {_knobs(best) or 'defaults'}, {where}")
             if tune_requests is None:  # the best trial ran the whole workload: it is the result
                 best.system = f"transformers generate_batch {sched}"
                 results.append(best)
@@ -276,6 +334,7 @@ def bench_offline(
         results=[asdict(r) for r in _medians(results, repeats)],
         runs=[asdict(r) for r in results],
         hf_tuning=tuning,
+        hf_tuned=tuned,
     )
     if json_path:
         with open(json_path, "w") as f:

@@ -11,11 +11,14 @@ several tokens when the client reads slower than the engine produces), time per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import math
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,6 +246,10 @@ def table(report: dict) -> str:
         f"{'TPOT p50':>9}{'ITL p50':>8}{'p99':>8}{'E2E p50':>9}{'good/s':>7}{'/offline':>9}"
     )
     lines = [head]
+    if len(report["rates"]) > 1:
+        fresh = report.get("fresh_server_per_rate")
+        warm = "one server for every rate: rates after the first meet a prefix cache the earlier ones warmed"
+        lines.insert(0, "each rate on a fresh server (a cold prefix cache)" if fresh else warm)
     for server in report["servers"]:
         for run in server["runs"]:
             good = run.get("goodput", {}).get("request_throughput")
@@ -304,10 +311,13 @@ def bench_serve(
     slo_ttft, slo_tpot = parse_goodput(goodput or [])
     servers: list[dict[str, Any]] = []
 
-    def measure(addr: str, label: str) -> Workload:
-        info, vocab = server_info(addr)
-        work = make(workload, vocab, seed, requests)
-        runs = sweep(addr, work, rates, concurrency, seed, slo_ttft, slo_tpot, label)
+    def measure(addrs: Iterator[str], label: str) -> Workload:
+        """One run per rate, each against the next address `addrs` yields."""
+        runs = []
+        for rate, addr in zip(rates, addrs):
+            info, vocab = server_info(addr)
+            work = make(workload, vocab, seed, requests)
+            runs += sweep(addr, work, [rate], concurrency, seed, slo_ttft, slo_tpot, label)
         servers.append(
             dict(
                 label=label,
@@ -327,11 +337,19 @@ def bench_serve(
     if target:
         if offline_baseline:
             raise ValueError("--offline-baseline runs the local servers' model in-process: leave out --target")
-        measure(target, target)
+        measure(itertools.repeat(target), target)  # one server: later rates meet a warm prefix cache
     else:
         for scheduler in schedulers:
-            with LocalServer(model, scheduler, server_args) as server:
-                work = measure(server.target, f"tandem {scheduler}")
+
+            def fresh(scheduler: str = scheduler) -> Generator[str, None, None]:
+                # NOTE: a fresh server per rate: one kept across rates would serve every rate
+                # after the first from a prefix cache warmed by the earlier ones.
+                for _ in rates:
+                    with LocalServer(model, scheduler, server_args) as server:
+                        yield server.target
+
+            with contextlib.closing(fresh()) as servers_per_rate:  # closing stops the last one
+                work = measure(servers_per_rate, f"tandem {scheduler}")
             if offline_baseline:  # the server has stopped: the two never share the CPU
                 _add_offline_baseline(servers[-1], scheduler, model, work)
     report = dict(
@@ -340,6 +358,7 @@ def bench_serve(
         seed=seed,
         rates=rates,
         concurrency=concurrency,
+        fresh_server_per_rate=target is None,
         environment=environment(servers[0]["info"]["model"], servers[0]["info"]["device"], servers[0]["info"]["dtype"]),
         servers=servers,
     )

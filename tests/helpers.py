@@ -20,10 +20,50 @@ from tandem.schedulers import load_scheduler
 TINY_PRESETS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-granite"]
 
 
-def reference_model(path: str | Path) -> Any:  # a transformers PreTrainedModel
+def reference_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:  # a PreTrainedModel
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype).eval()
+
+
+def ordinary_model(out: Path) -> Path:
+    """tiny-llama's shape and tokenizer with transformers' ordinary initialisation (std 0.02):
+    logits close together, near-ties as in real models (the presets' wide weights have none)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tandem.engine.model.presets import preset_path
+
+    src = preset_path("tiny-llama")
+    config = AutoConfig.from_pretrained(src)
+    config.initializer_range = 0.02
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.update(bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model.save_pretrained(out)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def assert_greedy_matches(prompt: list[int], got: list[int], ref: Any, tol: float) -> int:
+    """Greedy tokens `got` are the reference model's choices, tie-aware: the reference is run on
+    prompt + got (teacher forcing) and a token differing from its argmax counts as a mismatch
+    only where the argmax leads by more than `tol` (a near-tie may flip with rounding).
+    Returns how many near-tie flips it allowed."""
+    with torch.inference_mode():
+        logits = ref(torch.tensor([prompt + got])).logits[0, len(prompt) - 1 : -1].float()
+    flips = 0
+    for i, token in enumerate(got):
+        best = int(logits[i].argmax())
+        if token == best:
+            continue
+        margin = float(logits[i, best] - logits[i, token])
+        assert margin <= tol, f"token {i}: {token}, the reference picks {best} by {margin:.2e} > {tol:.0e}"
+        flips += 1
+    return flips
 
 
 def make_engine(scheduler: str = "fcfs", **config: object) -> Engine:

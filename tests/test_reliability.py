@@ -119,7 +119,13 @@ async def _soak_round(target: str, prompts, lens, kinds, rng) -> dict:
     return figures
 
 
-def test_soak_streams_cancels_deadlines_aborts_lose_nothing_and_leak_nothing() -> None:
+# Every service-level guarantee holds under the synchronous policy and under async overlap
+# (steps pipelined on the CPU worker executor: its failed-step path included).
+SCHEDULERS = ["fcfs", "async-overlap"]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_soak_streams_cancels_deadlines_aborts_lose_nothing_and_leak_nothing(scheduler: str) -> None:
     streams = int(os.environ.get("TANDEM_SOAK_STREAMS", 256))
     rounds = int(os.environ.get("TANDEM_SOAK_ROUNDS", 2))
     rng = np.random.default_rng(7)
@@ -127,7 +133,9 @@ def test_soak_streams_cancels_deadlines_aborts_lose_nothing_and_leak_nothing() -
     lens = [int(rng.integers(8, 128)) for _ in range(streams)]
     kinds = rng.choice(["plain", "cancel", "deadline", "abort"], streams, p=[0.6, 0.2, 0.1, 0.1]).tolist()
     want = _reference(prompts, lens)
-    proc, target = start_server("--model", "tiny-llama", "--max-waiting", "100000", "--metrics-port", "0")
+    proc, target = start_server(
+        "--model", "tiny-llama", "--max-waiting", "100000", "--metrics-port", "0", "--scheduler", scheduler
+    )  # fmt: skip
     try:
         start = time.perf_counter()
         for _ in range(rounds):
@@ -142,8 +150,9 @@ def test_soak_streams_cancels_deadlines_aborts_lose_nothing_and_leak_nothing() -
             assert load.kv_blocks_free == load.kv_blocks_total  # free counts cached blocks (evictable)
             assert figures["cancelled"] >= streams // 10 and figures["aborted"] > 0
             print(
-                f"\nsoak: {figures['streams']} streams, {figures['tokens']} tokens, {len(checked)} completed "
-                f"streams equal to offline, {figures['cancelled']} cancelled, {figures['deadline']} deadline hits, "
+                f"\nsoak ({scheduler}): {figures['streams']} streams, {figures['tokens']} tokens, "
+                f"{len(checked)} completed streams equal to offline, {figures['cancelled']} cancelled, "
+                f"{figures['deadline']} deadline hits, "
                 f"{figures['aborted']} aborted, statuses {figures['statuses']}, leaked blocks {leaked}, "
                 f"{time.perf_counter() - start:.1f} s"
             )
@@ -173,18 +182,26 @@ def _streams_under_fault(target: str, n: int) -> tuple[list[str], float]:
     return asyncio.run(run())
 
 
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("fault,code", [("raise", "INTERNAL"), ("hang", "UNAVAILABLE")])
-def test_engine_fault_ends_every_stream_turns_not_serving_and_exits_nonzero(fault, code) -> None:
+def test_engine_fault_ends_every_stream_turns_not_serving_and_exits_nonzero(fault, code, scheduler) -> None:
     # Warm-up takes two forward steps; the 12th is mid-generation for every stream.
     proc, target = start_server(
-        "--model", "tiny-llama", "--step-timeout", "2", env={"TANDEM_TEST_FAULT": f"{fault}:12"}
+        "--model",
+        "tiny-llama",
+        "--step-timeout",
+        "2",
+        "--scheduler",
+        scheduler,
+        env={"TANDEM_TEST_FAULT": f"{fault}:12"},
     )
     try:
         channel = grpc.insecure_channel(target)
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         codes, seconds = _streams_under_fault(target, 4)
-        assert codes == [code] * 4 and seconds < 30
+        # docs: 0.0 s after the raise, 2.5 s with a 2 s watchdog
+        assert codes == [code] * 4 and seconds < (5 if fault == "raise" else 10)
         statuses = []
         try:
             for update in watch:
@@ -195,16 +212,16 @@ def test_engine_fault_ends_every_stream_turns_not_serving_and_exits_nonzero(faul
         exit_code = proc.wait(30)
         assert exit_code == 70
         assert "exiting_engine_failed" in server_log(proc)
-        print(f"\nfault {fault}: 4 streams ended {code} in {seconds:.1f} s; health NOT_SERVING; exit {exit_code}")
+        print(f"\nfault {fault} ({scheduler}): 4 streams {code} in {seconds:.1f} s; NOT_SERVING; exit {exit_code}")
         channel.close()
     finally:
         _stop(proc)
 
 
 # -- client faults --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def small_queue_server():
-    proc, target = start_server("--model", "tiny-llama", "--max-waiting", "32")
+@pytest.fixture(scope="module", params=SCHEDULERS)
+def small_queue_server(request: pytest.FixtureRequest):
+    proc, target = start_server("--model", "tiny-llama", "--max-waiting", "32", "--scheduler", request.param)
     yield proc, target
     _stop(proc)
 
@@ -237,7 +254,7 @@ def test_a_client_that_stops_reading_blocks_nobody(small_queue_server) -> None:
     busy, load = asyncio.run(stalled_reader())
     # The engine finished the unread request (its blocks are back) while its stream sat unread.
     assert load.running == 0 and load.kv_blocks_used == 0
-    assert busy < max(3 * baseline, baseline + 10)
+    assert busy < 1.5 * baseline + 0.5  # docs: 0.55 s with it unread, 0.50 s alone
     print(f"\nnon-reading client: 6 other requests took {busy:.2f} s (alone: {baseline:.2f} s)")
 
 
@@ -307,13 +324,16 @@ def test_a_burst_of_1000_requests_is_admitted_or_refused_and_memory_stays_bounde
 
 
 # -- KV exhaustion --------------------------------------------------------------------------
-def test_kv_exhaustion_under_load_preempts_and_every_request_finishes() -> None:
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_kv_exhaustion_under_load_preempts_and_every_request_finishes(scheduler: str) -> None:
     rng = np.random.default_rng(3)
     prompts = [rng.integers(4, 512, int(rng.integers(24, 64))).tolist() for _ in range(24)]
     lens = [int(rng.integers(40, 80)) for _ in range(24)]
     want = _reference(prompts, lens)
     # 24 blocks of 16 tokens: room for about 4 of these requests at once, 24 arrive together.
-    proc, target = start_server("--model", "tiny-llama", "--kv-blocks", "24", "--metrics-port", "0")
+    proc, target = start_server(
+        "--model", "tiny-llama", "--kv-blocks", "24", "--metrics-port", "0", "--scheduler", scheduler
+    )  # fmt: skip
     try:
 
         async def run():
@@ -340,7 +360,7 @@ def test_kv_exhaustion_under_load_preempts_and_every_request_finishes() -> None:
         assert preemptions > 0
         assert _settled(target).kv_blocks_used == 0
         print(
-            f"\nKV exhaustion: 24 requests over a 24-block pool finished in {seconds:.1f} s, "
+            f"\nKV exhaustion ({scheduler}): 24 requests over a 24-block pool finished in {seconds:.1f} s, "
             f"{preemptions:.0f} preemptions, outputs equal to offline"
         )
     finally:

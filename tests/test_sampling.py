@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
-from helpers import random_prompts
+from helpers import random_prompts, reference_model
 from tandem.engine import Engine, OutputOptions, SamplingParams, StoppingCriteria
 from tandem.engine.device.sampling import SampleSpec, SamplingTensors, apply_processors, build_sampling, sample
 from tandem.engine.request import GenerationRequest, TokenLogprob
@@ -67,6 +68,24 @@ def test_logprobs_are_the_model_distribution(engine: Engine) -> None:
         assert abs(lp.top[0][1] - lp.logprob) < 1e-6
         values = [v for _, v in lp.top]
         assert values == sorted(values, reverse=True)
+
+
+def test_logprobs_equal_the_models_log_softmax(engine: Engine) -> None:
+    """Each token's logprob and top-N are the model's own distribution at that position
+    (transformers' reference model on prompt + output, eager attention, float32)."""
+    prompt = list(range(20, 30))
+    options = OutputOptions(logprobs=True, top_logprobs=3)
+    out = engine.generate([prompt], SamplingParams(temperature=0), STOP, options)[0]
+    assert out.logprobs is not None
+    ref = reference_model(engine.model.path)
+    with torch.inference_mode():
+        logits = ref(torch.tensor([prompt + out.token_ids])).logits[0].float()
+    expected = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)  # the distribution each token came from
+    for i, (token, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert lp.logprob == pytest.approx(expected[i, token].item(), abs=1e-4)
+        top_lps, top_ids = expected[i].topk(3)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top_lps.tolist(), abs=1e-4)
 
 
 def _tensors(params: list[SamplingParams], **spec: Any) -> SamplingTensors:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import signal
 import subprocess
 import time
@@ -183,9 +184,15 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(pki) -> None:
         proc.kill()
 
 
-def test_tls_flags_are_checked_before_serving(pki) -> None:
+def test_tls_flags_are_checked_before_serving(pki, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="go together"):
         start_server("--model", "tiny-llama", "--tls-cert", str(pki["server"]))
+    # Before the model loads: on an empty preset cache nothing gets built, and the exit is 2.
+    env = {**os.environ, "TANDEM_CACHE_DIR": str(tmp_path)}
+    args = [str(BIN / "tandem"), "serve", "--port", "0", "--tls-key", str(pki["server_key"])]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2 and "--tls-cert and --tls-key go together" in res.stderr, res.stderr
+    assert not any(tmp_path.iterdir()), "the model was loaded before the flags were checked"
 
 
 def _auth(token: str) -> tuple[tuple[str, str], ...]:

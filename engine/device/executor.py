@@ -112,6 +112,7 @@ class Executor:
         self.rng = np.random.default_rng(seed)
         self.stats = ExecutorStats()
         self._last_busy_end: float | None = None
+        self._last_end_event: torch.cuda.Event | None = None  # synchronous CUDA steps: the device timeline
         self._fault = faults.from_env()
         self._computed = 0
 
@@ -142,6 +143,7 @@ class Executor:
     def pause(self) -> None:
         """The engine ran out of work: the gap until the next step is not device idle time."""
         self._last_busy_end = None
+        self._last_end_event = None
 
     def close(self) -> None:
         pass
@@ -172,12 +174,24 @@ class Executor:
                 handle.output = sample(logits, handle.sampling)
 
     def _execute(self, handle: StepHandle) -> None:
-        start = time.perf_counter()
-        flat = torch.from_numpy(handle.host.flat).to(self.device)
-        self._compute(handle, flat)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            self._execute_timed_on_device(handle)
+            return
+        start = time.perf_counter()
+        self._compute(handle, torch.from_numpy(handle.host.flat))
         self._account(handle, start, time.perf_counter())
+
+    def _execute_timed_on_device(self, handle: StepHandle) -> None:
+        """On CUDA, busy and idle come from events on the device's timeline, as the overlap
+        executor measures them, so that the two compare like for like."""
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        self._compute(handle, torch.from_numpy(handle.host.flat).to(self.device))
+        end.record()
+        end.synchronize()
+        idle = self._last_end_event.elapsed_time(begin) / 1e3 if self._last_end_event is not None else None
+        self.stats.record(handle.host, begin.elapsed_time(end) / 1e3, idle)
+        self._last_end_event = end
 
     def _account(self, handle: StepHandle, start: float, end: float) -> None:
         idle = start - self._last_busy_end if self._last_busy_end is not None else None

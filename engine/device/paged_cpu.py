@@ -74,8 +74,10 @@ TORCH_LOCK = "lock"  # the file torch.utils.cpp_extension's FileBaton creates in
 
 
 def build_dir() -> Path:
-    """This CPU's build of the kernel, under tandem's cache."""
-    return cache_root() / "kernels" / f"tandem_paged_cpu_v6_{_cpu_tag()}"
+    """This CPU's build of this copy of the kernel's source, under tandem's cache. (Its path is
+    in the build's commands: two checkouts sharing one build would rebuild it in turn.)"""
+    where = hashlib.sha256(str(_SOURCE.resolve()).encode()).hexdigest()[:6]
+    return cache_root() / "kernels" / f"tandem_paged_cpu_v6_{_cpu_tag()}_{where}"
 
 
 def _cpu_tag() -> str:

@@ -1,9 +1,11 @@
 """Batched sampling on the device.
 
 Each row draws with one uniform number u through the inverse CDF of its (filtered)
-distribution. For a seeded request u is a hash of (seed, index of the token in its output),
-so the token depends only on the request's own logits: not on its batch neighbours, the
-scheduler, or preemptions.
+distribution. For a seeded request u is a hash of (seed, index of the token in its output):
+the draw itself depends on nothing else, not the batch, the scheduler or preemptions. The
+logits it is applied to can still move by float rounding with the batch's shape (about 1e-6
+of their scale), so a token whose u falls within that of a CDF boundary can differ; on real
+models, near-ties make that rare but possible.
 """
 
 from __future__ import annotations
