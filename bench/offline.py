@@ -73,6 +73,7 @@ def run_tandem(
             result.extra["utilisation"] = asdict(util) | dict(fraction=util.fraction)
     result.extra["steps"] = len(stats.trace)
     result.output_tokens = sum(len(c.token_ids) for c in done)
+    result.extra["cached_tokens"] = [c.num_cached_tokens for c in done]  # prefix-cache hits, per request
     result.tokens_per_s = result.output_tokens / result.seconds
     return result
 

@@ -317,7 +317,10 @@ def bench_serve(
         for rate, addr in zip(rates, addrs):
             info, vocab = server_info(addr)
             work = make(workload, vocab, seed, requests)
-            runs += sweep(addr, work, [rate], concurrency, seed, slo_ttft, slo_tpot, label)
+            runs += [
+                dict(run, target=addr)
+                for run in sweep(addr, work, [rate], concurrency, seed, slo_ttft, slo_tpot, label)
+            ]
         servers.append(
             dict(
                 label=label,

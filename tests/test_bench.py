@@ -197,3 +197,25 @@ def test_progress_redraws_only_on_a_terminal() -> None:
         assert ("\r" in text) is live
         assert "phase" in text and " 4/4 " in text.splitlines()[-1] and text.count("\n") == 1
     assert stream.getvalue().count("\r") >= 2  # the terminal saw it redrawn
+
+
+def test_bench_serve_gives_each_rate_a_fresh_server() -> None:
+    """A server kept across rates would serve later rates from a prefix cache the earlier ones
+    warmed: each rate gets its own server (its own port)."""
+    from tandem.bench.serve import bench_serve
+
+    report = bench_serve("offline-small", [float("inf"), float("inf")], 4, model="tiny-llama", requests=4)
+    [server] = report["servers"]
+    assert report["fresh_server_per_rate"] is True
+    assert len({run["target"] for run in server["runs"]}) == 2
+
+
+def test_bench_warm_up_leaves_the_workloads_prefix_cold() -> None:
+    """The warm-up must not put a workload prompt's blocks in the cache before timing: on
+    shared-prefix the first request then found its 384-token prefix already cached."""
+    from tandem.bench.offline import run_tandem
+
+    work = make("shared-prefix", 512, requests=3)
+    result = run_tandem("fcfs", "tiny-llama", work, "cpu", None, {})
+    assert result.error is None
+    assert result.extra["cached_tokens"][0] == 0
