@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -169,60 +170,68 @@ def tune_hf(
     model, work: Workload, scheduler: str, grid: list[dict] | None = None, tune_requests: int | None = None
 ) -> tuple[Result, list[Result]]:
     """transformers' generate_batch on the workload (or its first `tune_requests` requests) at
-    each setting of `grid`, or by default a search: transformers' defaults and HF_GRID, then,
-    coarse to fine, the neighbours of the best on the HF_TOKENS x HF_REQUESTS lattice until the
-    best has run neighbours on every side (or sits at the lattice's bound), then the halfway
-    settings around it. Returns the fastest trial and all of them (`search_result` says where
-    the best lies)."""
+    each setting of `grid`, or by default at the settings `lattice_search` picks. Returns the
+    fastest trial (its extra["search"] says where it lies) and all of them."""
     if tune_requests is not None:
         work = Workload(work.name, work.prompts[:tune_requests], work.output_lens[:tune_requests])
-    trials: dict[tuple, Result] = {}
+    trials: list[Result] = []
 
-    def run(settings: dict) -> None:
-        key = tuple(sorted(settings.items()))
-        if key not in trials:
-            label = f"tune {scheduler} {settings or 'defaults'}"
-            trials[key] = run_hf_generate_batch(model, work, scheduler, False, settings, label=label)
+    def measure(settings: dict[str, int]) -> float | None:
+        label = f"tune {scheduler} {settings or 'defaults'}"
+        trials.append(run_hf_generate_batch(model, work, scheduler, False, settings, label=label))
+        return trials[-1].tokens_per_s if trials[-1].error is None else None
 
-    def best() -> Result:
-        ok = [t for t in trials.values() if t.error is None]
-        return max(ok, key=lambda t: t.tokens_per_s) if ok else next(iter(trials.values()))
-
-    for settings in grid if grid is not None else HF_GRID:
-        run(settings)
     if grid is not None:
-        return best(), list(trials.values())
+        for settings in grid:
+            measure(settings)
+        where = "the best of the given grid"
+    else:
+        where = lattice_search(measure, HF_GRID)[1]
+    ok = [t for t in trials if t.error is None]
+    best = max(ok, key=lambda t: t.tokens_per_s) if ok else trials[0]
+    best.extra["search"] = where
+    return best, trials
+
+
+def lattice_search(
+    measure: Callable[[dict[str, int]], float | None], start: list[dict[str, int]]
+) -> tuple[dict[str, int], str]:
+    """The fastest setting by `measure` (tok/s; None for a failed run), searched coarse to fine:
+    the `start` settings, then the best one's neighbours on the HF_TOKENS x HF_REQUESTS lattice
+    (powers of two) until every neighbour has run or lies past the lattice's bound, then the
+    settings halfway to its neighbours. Returns the best setting and where it lies."""
+    speeds: dict[tuple, float | None] = {}
+
+    def run(settings: dict[str, int]) -> None:
+        key = tuple(sorted(settings.items()))
+        if key not in speeds:
+            speeds[key] = measure(settings)
+
+    def best() -> dict[str, int]:
+        done = [(v, k) for k, v in speeds.items() if v is not None]
+        return dict(max(done)[1]) if done else {}
+
+    for settings in start:
+        run(settings)
     while True:  # coarse: powers of two
-        knobs = _knobs(best())
+        knobs = best()
         if knobs.get("max_batch_tokens") not in HF_TOKENS or knobs.get("max_requests_per_batch") not in HF_REQUESTS:
-            return best(), list(trials.values())  # transformers' own defaults won
+            return knobs, "transformers' defaults"
         t, r = HF_TOKENS.index(knobs["max_batch_tokens"]), HF_REQUESTS.index(knobs["max_requests_per_batch"])
         around = [(t + dt, r + dr) for dt, dr in ((-1, 0), (1, 0), (0, -1), (0, 1))]
         fresh = [(i, j) for i, j in around if 0 <= i < len(HF_TOKENS) and 0 <= j < len(HF_REQUESTS)]
-        fresh = [(i, j) for i, j in fresh if _lattice(i, j) not in trials]
+        fresh = [(i, j) for i, j in fresh if _lattice(i, j) not in speeds]
         if not fresh:
             break
         for i, j in fresh:
-            run(dict(max_batch_tokens=HF_TOKENS[i], max_requests_per_batch=HF_REQUESTS[j]))
+            run(dict(_lattice(i, j)))
+    at_bound = t in (0, len(HF_TOKENS) - 1) or r in (0, len(HF_REQUESTS) - 1)
     tokens, requests = HF_TOKENS[t], HF_REQUESTS[r]
     halfway = [("max_batch_tokens", tokens * 3 // 4), ("max_batch_tokens", tokens * 3 // 2)]
     halfway += [("max_requests_per_batch", requests * 3 // 4), ("max_requests_per_batch", requests * 3 // 2)]
     for knob, value in halfway:  # fine: between the best and its neighbours
         run({"max_batch_tokens": tokens, "max_requests_per_batch": requests, knob: value})
-    return best(), list(trials.values())
-
-
-def search_result(best: Result, grid: list[dict] | None) -> str:
-    """Where tune_hf's best setting lies: what the report says of the search."""
-    knobs = _knobs(best)
-    if grid is not None:
-        return "the best of the given grid"
-    if "max_batch_tokens" not in knobs:
-        return "transformers' defaults"
-    edges = (HF_TOKENS[0], HF_TOKENS[-1], HF_REQUESTS[0], HF_REQUESTS[-1])
-    if knobs["max_batch_tokens"] in edges[:2] or knobs["max_requests_per_batch"] in edges[2:]:
-        return "at the search's bound"
-    return "interior: slower settings tried on every side"
+    return best(), "at the search's bound" if at_bound else "interior: slower settings tried on every side"
 
 
 def _lattice(i: int, j: int) -> tuple:
@@ -307,7 +316,7 @@ def bench_offline(
         if tune and not use_async:
             progress(f"tuning transformers generate_batch {sched} on {tune_requests or 'all'} requests ...")
             best, trials = on_fresh_thread(tune_hf, hf, work, sched, hf_grid, tune_requests)
-            where = search_result(best, hf_grid)
+            where = best.extra.get("search", "")
             tuning[sched] = [asdict(t) for t in trials]
             tuned[sched] = dict(best=_knobs(best), where=where)
             progress(f"transformers generate_batch {sched}: best {_knobs(best) or 'defaults'}, {where}")

@@ -219,3 +219,32 @@ def test_bench_warm_up_leaves_the_workloads_prefix_cold() -> None:
     result = run_tandem("fcfs", "tiny-llama", work, "cpu", None, {})
     assert result.error is None
     assert result.extra["cached_tokens"][0] == 0
+
+
+def test_generate_batch_search_walks_until_its_best_is_interior() -> None:
+    """The search itself, on a known speed surface: from the starting grid (512/2048 tokens x
+    16/32 requests) it must walk to a peak outside that grid, and say whether the best is interior
+    or at the lattice's bound. (The old fixed grid stopped at its corner, 512 x 32, here.)"""
+    import math
+
+    from tandem.bench.offline import HF_GRID, lattice_search
+
+    def surface(peak: tuple[int, int]):
+        runs: list[dict[str, int]] = []
+
+        def speed(settings: dict[str, int]) -> float:
+            runs.append(settings)
+            if "max_batch_tokens" not in settings:
+                return 1.0  # transformers' defaults: slow here
+            t, r = settings["max_batch_tokens"], settings["max_requests_per_batch"]
+            return 100 - abs(math.log2(t / peak[0])) - abs(math.log2(r / peak[1]))
+
+        return speed, runs
+
+    speed, runs = surface((256, 64))
+    best, where = lattice_search(speed, HF_GRID)
+    assert best == {"max_batch_tokens": 256, "max_requests_per_batch": 64} and where.startswith("interior")
+    assert len(runs) == len({tuple(sorted(r.items())) for r in runs})  # nothing measured twice
+    speed, _ = surface((8192, 128))
+    best, where = lattice_search(speed, HF_GRID)
+    assert best == {"max_batch_tokens": 8192, "max_requests_per_batch": 128} and where == "at the search's bound"
