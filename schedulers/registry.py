@@ -26,7 +26,8 @@ def available_schedulers() -> dict[str, EntryPoint]:
 def load_class(name: str) -> type[Scheduler]:
     found = available_schedulers()
     if name not in found:
-        raise SchedulerLoadError(f"unknown scheduler {name!r}; installed: {', '.join(found) or 'none'}")
+        hint = "" if found else " (is the tandem package installed? its built-in schedulers are entry points)"
+        raise SchedulerLoadError(f"unknown scheduler {name!r}; installed: {', '.join(found) or 'none'}{hint}")
     cls = found[name].load()
     if not (isinstance(cls, type) and issubclass(cls, Scheduler)):
         raise SchedulerLoadError(f"scheduler {name!r} ({found[name].value}) is not a Scheduler subclass")

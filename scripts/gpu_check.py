@@ -6,7 +6,12 @@ On CUDA it builds a random-weight Llama-architecture model of about 0.5B paramet
 checks that synchronous fcfs and async-overlap give identical tokens, and prints output
 tokens/s and the device-idle fraction for both at two batch sizes, next to transformers' own
 continuous batching (`generate_batch`) with and without its async batching, on the same model
-and prompts. Without CUDA it makes the same pass on a tiny model on the CPU (CI runs it).
+and prompts. Each tandem row's greedy tokens are checked against a float32 transformers
+reference, tie-aware. Without CUDA it makes the same pass on a tiny model on the CPU (CI runs it).
+
+The schedulers are found through the package's entry points, so the package must be installed
+(on a bare GPU machine: `pip install --no-deps --no-build-isolation --no-index .`, or carry the
+wheel that `pip wheel --no-deps -w DIR .` builds here, with the structlog and transformers wheels).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tandem.engine import Engine, EngineConfig, SamplingParams, StoppingCriteria  # noqa: E402
+from tandem.engine.device.executor import CUDA_SDPA_BACKENDS  # noqa: E402
 from tandem.engine.model.presets import train_tokenizer  # noqa: E402
 from tandem.schedulers import load_scheduler  # noqa: E402
 
@@ -91,6 +97,38 @@ def run_tandem(path: Path, scheduler: str, batch: int, prompts, new: int, device
     )
 
 
+def sdpa_backends(device: str):
+    from contextlib import nullcontext
+
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(CUDA_SDPA_BACKENDS) if device == "cuda" else nullcontext()
+
+
+def greedy_check(path: Path, prompts, outputs: list[list[int]], device: str, tol: float) -> dict:
+    """Tie-aware: each greedy token is the float32 reference's argmax, or within `tol` of it
+    (bf16 rounding may flip a near-tie; after a flip the text legitimately differs, so only
+    the first differing token of each sequence is judged)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()  # type: ignore[arg-type]
+    flips, wrong, worst = 0, 0, 0.0
+    with torch.inference_mode():
+        for prompt, got in zip(prompts, outputs):
+            logits = ref(torch.tensor([prompt + got], device=device)).logits[0, len(prompt) - 1 : -1]
+            best = logits.argmax(-1).tolist()
+            for i, (token, choice) in enumerate(zip(got, best)):
+                if token != choice:
+                    margin = float(logits[i, choice] - logits[i, token])
+                    worst = max(worst, margin)
+                    if margin > tol:
+                        wrong += 1
+                    else:
+                        flips += 1
+                    break
+    return dict(near_tie_flips=flips, mismatches=wrong, worst_margin=worst)
+
+
 def run_transformers(path: Path, batch: int, prompts, new: int, device: str, use_async: bool) -> dict:
     row = dict(
         system=f"transformers generate_batch{' async' if use_async else ''}",
@@ -115,10 +153,11 @@ def run_transformers(path: Path, batch: int, prompts, new: int, device: str, use
         except (ImportError, TypeError) as exc:
             if use_async:
                 raise RuntimeError(f"async batching not configurable in this transformers: {exc}") from exc
-        model.generate_batch(prompts[:2], generation_config=gen, **kwargs)
-        start = time.perf_counter()
-        out = model.generate_batch(prompts, generation_config=gen, **kwargs)
-        wall = time.perf_counter() - start
+        with sdpa_backends(device):  # the backends tandem uses, so both pay the same attention
+            model.generate_batch(prompts[:2], generation_config=gen, **kwargs)
+            start = time.perf_counter()
+            out = model.generate_batch(prompts, generation_config=gen, **kwargs)
+            wall = time.perf_counter() - start
         tokens = sum(len(o.generated_tokens) for o in out.values())
         row.update(tokens_per_s=tokens / wall, wall_s=wall)
     except Exception as exc:  # noqa: BLE001 - a peer's API drift must not stop our check
@@ -130,6 +169,12 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--json", default="gpu_check.json")
     p.add_argument("--cpu", action="store_true", help="force the CPU dry pass")
+    p.add_argument(
+        "--peers",
+        choices=("all", "sync", "none"),
+        default="all",
+        help="transformers rows: with and without its async batching, without only, or none",
+    )
     args = p.parse_args()
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
@@ -147,28 +192,34 @@ def main() -> int:
         path = Path(tmp)
         report["parameters"] = build_model(path, cuda)
         rng = np.random.default_rng(0)
-        identical = True
+        identical, ok = True, True
         for batch in batches:
             prompts = [rng.integers(4, 500, int(rng.integers(32, 257))).tolist() for _ in range(2 * batch)]
-            sync = run_tandem(path, "fcfs", batch, prompts, new, device)
-            overlap = run_tandem(path, "async-overlap", batch, prompts, new, device)
-            same = sync.pop("outputs") == overlap.pop("outputs")
-            identical &= same
-            report["rows"] += [sync, overlap]
-            for use_async in (False, True):
+            rows = [run_tandem(path, name, batch, prompts, new, device) for name in ("fcfs", "async-overlap")]
+            outputs = [row.pop("outputs") for row in rows]
+            identical &= outputs[0] == outputs[1]
+            for row, out in zip(rows, outputs):
+                row.update(greedy_check(path, prompts, out, device, tol=0.05 if cuda else 1e-4))
+                ok &= row["mismatches"] == 0
+            report["rows"] += rows
+            for use_async in {"all": (False, True), "sync": (False,), "none": ()}[args.peers]:
                 report["rows"].append(run_transformers(path, batch, prompts, new, device, use_async))
         report["sync_async_identical"] = identical
+        report["greedy_matches_reference"] = ok
     print(
         f"device={report['device']} params={report['parameters'] / 1e6:.1f}M torch={report['torch']} "
-        f"transformers={report['transformers']} sync==async: {identical}"
+        f"transformers={report['transformers']} sync==async: {identical} "
+        f"greedy==reference (tie-aware): {ok}"
     )
-    print(f"{'system':<40}{'batch':>6}{'tok/s':>10}{'idle':>8}")
+    print(f"{'system':<40}{'batch':>6}{'tok/s':>10}{'idle':>8}{'flips':>7}{'wrong':>7}{'worst':>8}")
     for r in report["rows"]:
         tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "-"
         idle = f"{r['idle_fraction']:.1%}" if r["idle_fraction"] is not None else "-"
-        print(f"{r['system']:<40}{r['batch']:>6}{tps:>10}{idle:>8}" + (f"  ({r['error']})" if "error" in r else ""))
+        check = f"{r['near_tie_flips']:>7}{r['mismatches']:>7}{r['worst_margin']:>8.3f}" if "mismatches" in r else ""
+        error = f"  ({r['error']})" if "error" in r else ""
+        print(f"{r['system']:<40}{r['batch']:>6}{tps:>10}{idle:>8}{check}{error}")
     Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0 if identical else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ def test_gpu_check_dry_pass(tmp_path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads(out.read_text())
     assert report["sync_async_identical"] is True
+    assert report["greedy_matches_reference"] is True
     systems = {(r["system"], r["batch"]) for r in report["rows"]}
     assert {("tandem fcfs", 4), ("tandem async-overlap", 8), ("transformers generate_batch", 8)} <= systems
     for row in report["rows"]:
         if row["system"].startswith("tandem"):
             assert row["tokens_per_s"] > 0 and 0 <= row["idle_fraction"] < 1
+            assert row["mismatches"] == 0  # against the float32 reference, near-ties allowed
