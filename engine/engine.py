@@ -436,7 +436,7 @@ class _Coalescer:
             prev.text += out.text
             if out.logprobs is not None:
                 prev.logprobs = (prev.logprobs or []) + out.logprobs
-            prev.finished, prev.finish_reason = out.finished, out.finish_reason
+            prev.finished, prev.finish_reason, prev.stop = out.finished, out.finish_reason, out.stop
         self._ready.set()
 
     async def take(self) -> RequestOutput | BaseException:

@@ -119,6 +119,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     queue_seconds: float | None = None  # from receipt to first admission, once admitted
+    stop: str | int | None = None  # on finish: the stop string or stop/EOS token id that ended it
 
 
 @dataclass

@@ -15,12 +15,15 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vllm_grpc
 
 from tandem.engine import Engine, StoppingCriteria
 from tandem.service.auth import BearerAuthInterceptor
 from tandem.service.engine_slot import EngineSlot
 from tandem.service.info import InfoServicer
 from tandem.service.servicer import GenerationServicer
+from tandem.service.vllm_worker import SERVICE as VLLM_SERVICE
+from tandem.service.vllm_worker import VllmWorkerServicer
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 from tandem.v1 import info_pb2, info_pb2_grpc
@@ -105,10 +108,16 @@ class Server:
     health: BoundedHealthServicer
     port: int
     tls: bool
+    serving: bool = False  # what grpc.health.v1 says, for protocols with their own health check
 
     async def set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for name in ("", GENERATION_SERVICE, INFO_SERVICE):
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
+        for name in ("", GENERATION_SERVICE, INFO_SERVICE, VLLM_SERVICE):
             await self.health.set(name, status)
+
+    async def drain(self) -> None:
+        self.serving = False
+        await self.health.enter_graceful_shutdown()
 
 
 def build_server(slot: EngineSlot, opts: ServerOptions) -> Server:
@@ -132,9 +141,10 @@ def build_server(slot: EngineSlot, opts: ServerOptions) -> Server:
         scoped_aborts=bool(opts.auth_tokens),
     )
     pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
+    vllm_grpc.add_VllmEngineServicer_to_server(VllmWorkerServicer(generation, lambda: built.serving), server)
     info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(slot, opts.max_waiting), server)
     health_pb2_grpc.add_HealthServicer_to_server(built.health, server)
-    names = (GENERATION_SERVICE, INFO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (GENERATION_SERVICE, INFO_SERVICE, VLLM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     return built
 
@@ -188,7 +198,7 @@ async def serve(slot: EngineSlot, load: Callable[[], Engine], opts: ServerOption
         return EXIT_ENGINE_FAILED
     failed.cancel()
     log.info("draining", grace_seconds=grace)
-    await built.health.enter_graceful_shutdown()
+    await built.drain()
     await server.stop(grace)  # refuses new RPCs, lets in-flight ones finish, then cancels them
     log.info("stopped")
     return 0

@@ -86,8 +86,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         await context.send_initial_metadata((("x-request-id", request.request_id),))
         return request
 
-    async def _outputs(self, request: GenerationRequest, context: Context) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs; engine errors become gRPC statuses."""
+    async def _outputs(
+        self, request: GenerationRequest, context: Context, field: Callable[[str], str] | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs; engine errors become gRPC statuses (a field named by `field`,
+        by default at tandem.v1's names)."""
         engine = await self.slot.get(context)
         request_id = request.request_id or ""
         # A second request with an id in flight is refused by the engine: it must not take the id over.
@@ -100,7 +103,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except EngineBusyError as exc:
             await context.abort_with_status(resource_exhausted(str(exc), retry_after_s=1.0))
         except InvalidRequestError as exc:
-            await context.abort_with_status(invalid_argument(api_field(exc.field, request), exc.message))
+            name = field(exc.field) if field is not None else api_field(exc.field, request)
+            await context.abort_with_status(invalid_argument(name, exc.message))
         except EngineDeadError as exc:
             log.error("engine_failed", request_id=request.request_id, error=str(exc))
             if self.on_engine_failure is not None:
@@ -145,9 +149,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 yield response
         finally:
             if not finished:  # cancelled, deadline, or an error status
-                code = "CANCELLED" if context.cancelled() else (context.code() or grpc.StatusCode.UNKNOWN).name
-                metrics.REQUESTS.labels("aborted", code).inc()
-                log.info("request_aborted", request_id=request.request_id, code=code, completion_tokens=tokens)
+                self._aborted(request.request_id, context, tokens)
+
+    def _aborted(self, request_id: str | None, context: Context, tokens: int) -> None:
+        code = "CANCELLED" if context.cancelled() else (context.code() or grpc.StatusCode.UNKNOWN).name
+        metrics.REQUESTS.labels("aborted", code).inc()
+        log.info("request_aborted", request_id=request_id, code=code, completion_tokens=tokens)
 
     def _received(self, request: GenerationRequest, rpc: str) -> None:
         extra = dict(prompt=request.prompt) if self.log_prompts else {}

@@ -18,6 +18,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from smg_grpc_proto.generated import vllm_engine_pb2 as vllm_pb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vllm_grpc
 
 from helpers import METRICS, make_engine, server_log, start_server
 from tandem.engine import SamplingParams, StoppingCriteria
@@ -289,7 +291,9 @@ def test_port_opens_first_and_health_says_not_serving_while_loading(tmp_path: Pa
         target = first.split()[3]
         with grpc.insecure_channel(target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
+            vllm = vllm_grpc.VllmEngineStub(channel)  # smg's worker protocol follows the same health
             assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert not vllm.HealthCheck(vllm_pb.HealthCheckRequest(), timeout=10).healthy
             with pytest.raises(grpc.RpcError) as err:
                 pb_grpc.GenerationServiceStub(channel).Generate(pb.GenerateRequest(text="early"), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in (err.value.details() or "")
@@ -302,6 +306,7 @@ def test_port_opens_first_and_health_says_not_serving_while_loading(tmp_path: Pa
                     break
                 time.sleep(0.1)
             assert status == health_pb2.HealthCheckResponse.SERVING, seen
+            assert vllm.HealthCheck(vllm_pb.HealthCheckRequest(), timeout=10).healthy
         assert proc.stdout.readline().startswith("tandem serving on")
     finally:
         proc.send_signal(signal.SIGTERM)

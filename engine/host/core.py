@@ -268,6 +268,10 @@ class EngineCore:
         out = self._output(seq, tokens, seq.detokenizer.delta(final=True), lps)
         out.finished = True
         out.finish_reason = reason
+        if reason is FinishReason.STOP_STRING:
+            out.stop = seq.detokenizer.stopped_by
+        elif reason in (FinishReason.EOS, FinishReason.STOP_TOKEN):
+            out.stop = tokens[-1]
         return out
 
     def _output(self, seq: Sequence, tokens: list[int], text: str, lps) -> RequestOutput:

@@ -19,9 +19,19 @@ from pathlib import Path
 
 from tandem.engine.config import cache_root
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3  # 3: tokenizers carry CHAT_TEMPLATE
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|endoftext|>"]  # ids 0-3; the last is what Qwen2Tokenizer expects
 _DATA = Path(__file__).parent / "data"
+# Role-tagged turns, each closed by EOS, so chat clients (OpenAI SDKs through a router) work on
+# the presets; a real model directory's own template is used as is. Content may be a string or
+# OpenAI's list of text parts.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for part in m['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,7 @@ def train_tokenizer(vocab_size: int):
         eos_token="</s>",
         pad_token="<pad>",
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

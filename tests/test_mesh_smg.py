@@ -1,0 +1,220 @@
+"""tandem behind SGLang Model Gateway (smg, pinned in the test extra), reached with the official
+OpenAI SDK: two real `tandem serve` replicas and a real `smg launch`, shared by the module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vgrpc
+
+from helpers import BIN, ServerProcess, server_log, start_server
+from tandem.engine.model.presets import preset_path
+from tandem.v1 import generation_pb2 as pb
+from tandem.v1 import generation_pb2_grpc as pb_grpc
+from tandem.v1 import info_pb2, info_pb2_grpc
+
+MODEL = "tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Mesh:
+    replicas: list[tuple[ServerProcess, str]]
+    router: subprocess.Popen
+    url: str
+    log: Path
+
+    def client(self, **kw: Any) -> Any:  # the SDK's overloads do not take **kwargs dicts
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60, **kw)
+
+
+def start_router(targets: list[str], policy: str = "round_robin") -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="smg-", suffix=".log")[1])
+    cmd = [str(BIN / "smg"), "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", policy]
+    cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+    cmd += ["--model-path", str(preset_path(MODEL)), "--worker-urls", *(f"grpc://{t}" for t in targets)]
+    router = subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        try:
+            body = urllib.request.urlopen(f"{url}/workers", timeout=2).read().decode()
+            if body.count('"is_healthy":true') == len(targets):
+                return router, url, log
+        except OSError:
+            pass
+        if router.poll() is not None:
+            break
+        time.sleep(0.5)
+    router.kill()
+    raise RuntimeError(f"smg did not register {len(targets)} workers: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    replicas = [start_server("--model", MODEL) for _ in range(2)]
+    try:
+        router, url, log = start_router([t for _, t in replicas])
+    except BaseException:
+        for proc, _ in replicas:
+            proc.kill()
+        raise
+    yield Mesh(replicas, router, url, log)
+    router.terminate()
+    router.wait(10)
+    for proc, _ in replicas:
+        proc.kill()
+        proc.wait(10)
+
+
+def load(target: str) -> info_pb2.GetLoadResponse:
+    with grpc.insecure_channel(target) as ch:
+        return info_pb2_grpc.InfoServiceStub(ch).GetLoad(info_pb2.GetLoadRequest(), timeout=5)
+
+
+def direct_text(target: str, prompt: str, max_new: int) -> str:
+    with grpc.insecure_channel(target) as ch:
+        msg = pb.GenerateRequest(
+            text=prompt,
+            sampling=pb.SamplingParams(temperature=0),
+            stopping=pb.StoppingCriteria(max_new_tokens=max_new, ignore_eos=True),
+        )
+        return pb_grpc.GenerationServiceStub(ch).Generate(msg, timeout=30).text
+
+
+def streamed(stream: Any) -> tuple[str, str | None, Any]:
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            choice = chunk.choices[0]
+            parts.append(getattr(choice, "text", None) or getattr(getattr(choice, "delta", None), "content", "") or "")
+            finish = choice.finish_reason or finish
+        usage = chunk.usage or usage
+    return "".join(parts), finish, usage
+
+
+def test_openai_chat_and_completions_streaming_and_not(mesh: Mesh) -> None:
+    client = mesh.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    ask = dict(model=MODEL, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(messages=[{"role": "user", "content": "hello there"}], **ask)
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 10
+    # The preset's chat template wraps the turn: more prompt tokens than the bare text.
+    bare = client.completions.create(prompt="hello there", **ask)
+    assert chat.usage.prompt_tokens > bare.usage.prompt_tokens
+    text, finish, usage = streamed(
+        client.chat.completions.create(
+            messages=[{"role": "user", "content": "hello there"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            **ask,
+        )
+    )
+    assert (text, finish) == (chat.choices[0].message.content, "length")
+    assert usage.completion_tokens == 10 and usage.prompt_tokens == chat.usage.prompt_tokens
+    text, finish, usage = streamed(
+        client.completions.create(prompt="hello there", stream=True, stream_options={"include_usage": True}, **ask)
+    )
+    assert (text, finish, usage.completion_tokens) == (bare.choices[0].text, "length", 10)
+
+
+def test_stop_strings_are_matched_in_the_worker(mesh: Mesh) -> None:
+    client = mesh.client()
+    ask = dict(model=MODEL, prompt="The quick brown fox", temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(max_tokens=16, **ask).choices[0].text
+    stop = full[6:9]
+    assert stop and full.find(stop) == 6, full
+    cut = client.completions.create(max_tokens=16, stop=[stop], **ask)
+    assert cut.choices[0].text == full[:6] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < 16
+    text, finish, _ = streamed(client.completions.create(max_tokens=16, stop=[stop], stream=True, **ask))
+    assert (text, finish) == (full[:6], "stop")
+
+
+def test_the_same_greedy_tokens_through_smg_and_directly(mesh: Mesh) -> None:
+    prompt = "Routers tokenize; replicas generate."
+    via_router = mesh.client().completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    for _, target in mesh.replicas:
+        assert direct_text(target, prompt, 12) == via_router.choices[0].text
+
+
+def test_unsupported_fields_are_refused_by_name(mesh: Mesh) -> None:
+    target = mesh.replicas[0][1]
+    with grpc.insecure_channel(target) as ch:
+        stub = vgrpc.VllmEngineStub(ch)
+        cases = {
+            "sampling_params.n": vpb.SamplingParams(n=2),
+            "sampling_params.json_schema": vpb.SamplingParams(json_schema="{}"),
+            "sampling_params.prompt_logprobs": vpb.SamplingParams(prompt_logprobs=1),
+            "sampling_params.max_tokens": vpb.SamplingParams(max_tokens=5000),
+        }
+        for field, params in cases.items():
+            msg = vpb.GenerateRequest(request_id=f"bad-{field}", tokenized=vpb.TokenizedInput(input_ids=[5, 6]))
+            msg.sampling_params.CopyFrom(params)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(msg, timeout=10))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (err.value.details() or "").startswith(field), err.value.details()
+        health = stub.HealthCheck(vpb.HealthCheckRequest(), timeout=5)
+        assert health.healthy
+    # The server is still serving through the router.
+    assert mesh.client().completions.create(model=MODEL, prompt="ok", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_a_client_that_disconnects_has_its_request_aborted_on_the_replica(mesh: Mesh) -> None:
+    client = mesh.client()
+    stream = client.completions.create(
+        model=MODEL, prompt="a long story", max_tokens=900, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        loads = [load(t) for _, t in mesh.replicas]
+        if all(x.running == 0 and x.waiting == 0 and x.kv_blocks_used == 0 for x in loads):
+            break
+        time.sleep(0.1)
+    assert all(x.running == 0 and x.kv_blocks_used == 0 for x in loads), loads
+    logs = "".join(server_log(proc) for proc, _ in mesh.replicas)
+    assert '"request_aborted"' in logs  # cut short, not run to its 900 tokens
+
+
+def test_killing_a_replica_moves_new_requests_to_the_other(mesh: Mesh) -> None:
+    """Last in the module: it kills a replica. In-flight requests on it fail with an error;
+    requests sent afterwards succeed through the survivor."""
+    client = mesh.client()
+    victim, _ = mesh.replicas[1]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    ok = 0
+    for i in range(6):
+        r = client.completions.create(model=MODEL, prompt=f"after {i}", max_tokens=4, temperature=0)
+        ok += r.choices[0].finish_reason in ("length", "stop")
+    assert ok == 6
