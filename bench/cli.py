@@ -18,7 +18,9 @@ PEERS = ["hf-fifo", "hf-prefill-first", "hf-async-fifo", "hf-static"]
 def missing_extra(args: argparse.Namespace) -> list[str]:
     """The `bench` extra's modules this run needs and lacks: matplotlib for --plots, psutil for
     transformers' continuous batching (the offline peers)."""
-    needed = ["matplotlib"] if args.plots else []
+    needed = ["matplotlib"] if getattr(args, "plots", None) else []
+    if args.bench == "mesh":
+        needed += ["smg", "openai"]
     if args.bench == "offline" and any(p.startswith("hf-") for p in args.peers):
         needed.append("psutil")
     return [name for name in needed if importlib.util.find_spec(name) is None]
@@ -82,6 +84,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"workload {args.workload}; {report['environment']}")
     print(table(report))
     _plots(report, args.plots)
+    return 0
+
+
+def cmd_mesh(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers import AutoConfig
+
+    from tandem.bench import mesh
+    from tandem.bench.workloads import make
+    from tandem.engine.model.loader import resolve_path
+
+    vocab = AutoConfig.from_pretrained(resolve_path(args.model)).vocab_size
+    report: dict = {"model": args.model, "concurrency": args.concurrency}
+    if "overhead" in args.what:
+        work = make(args.overhead_workload, vocab, requests=args.requests)
+        report["overhead"] = row = mesh.overhead(args.model, work, args.concurrency)
+        print(
+            f"{args.overhead_workload}, {len(work.prompts)} requests at {args.concurrency} in flight: "
+            f"direct gRPC {row['direct']['output_tok_s']:.1f} tok/s, through smg {row['smg']['output_tok_s']:.1f} "
+            f"tok/s, ratio {row['ratio']:.3f} (errors {row['direct']['errors']} / {row['smg']['errors']})"
+        )
+    if "routing" in args.what:
+        report["routing"] = {}
+        for name in args.routing_workloads:
+            work = make(name, vocab, requests=args.requests)
+            report["routing"][name] = rows = mesh.routing(args.model, work, args.concurrency, tuple(args.policies))
+            for policy, r in rows.items():
+                print(
+                    f"{name} over two replicas, {policy}: prefix-cache hit rate {r['hit_rate']:.1%}, "
+                    f"{r['output_tok_s']:.1f} output tok/s, {r['errors']} errors"
+                )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 
@@ -170,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--json", default=None, help="write every figure, per-request latencies and the environment")
     serve.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
     serve.set_defaults(func=cmd_serve)
+
+    mesh = bench.add_parser(
+        "mesh", help="behind smg: the router's cost, and cache-aware against round-robin", formatter_class=fmt
+    )
+    mesh.add_argument("--model", default="bench-llama", help="preset or local model directory")
+    mesh.add_argument("--what", nargs="+", choices=("overhead", "routing"), default=["overhead", "routing"])
+    mesh.add_argument("--overhead-workload", choices=NAMES, default="chat", help="for the router's cost")
+    mesh.add_argument("--requests", type=int, default=None, help="override the workloads' request counts")
+    mesh.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    mesh.add_argument("--routing-workloads", nargs="+", choices=NAMES, default=["shared-prefix", "prefix-groups"])
+    mesh.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin"], help="smg policies compared")
+    mesh.add_argument("--json", default=None, help="write every figure")
+    mesh.set_defaults(func=cmd_mesh)
     return parser
 
 

@@ -31,7 +31,7 @@ def _lognormal(rng, n, median, sigma, lo, hi):
 
 
 def make(name: str, vocab: int, seed: int = 0, requests: int | None = None) -> Workload:
-    """offline-small (CI-sized), offline, shared-prefix, chat."""
+    """offline-small (CI-sized), offline, shared-prefix, prefix-groups, chat."""
     rng = np.random.default_rng(seed)
 
     def tokens(n: int) -> list[int]:  # ids 0-3 are special in the presets
@@ -50,6 +50,12 @@ def make(name: str, vocab: int, seed: int = 0, requests: int | None = None) -> W
         prefix = tokens(384)
         prompts = [prefix + tokens(s) for s in _uniform(rng, n, 16, 64)]
         olens = _uniform(rng, n, 32, 64)
+    elif name == "prefix-groups":  # 8 system prompts, each shared by a group, arriving interleaved
+        n = requests or 128
+        prefixes = [tokens(384) for _ in range(8)]
+        groups = rng.integers(0, len(prefixes), n)
+        prompts = [prefixes[g] + tokens(s) for g, s in zip(groups, _uniform(rng, n, 16, 64))]
+        olens = _uniform(rng, n, 32, 64)
     elif name == "chat":
         n = requests or 128
         plens, olens = _lognormal(rng, n, 128, 0.8, 8, 1024), _lognormal(rng, n, 96, 0.7, 8, 512)
@@ -59,4 +65,4 @@ def make(name: str, vocab: int, seed: int = 0, requests: int | None = None) -> W
     return Workload(name, prompts, olens)
 
 
-NAMES = ("offline-small", "offline", "shared-prefix", "chat")
+NAMES = ("offline-small", "offline", "shared-prefix", "prefix-groups", "chat")

@@ -22,6 +22,7 @@ from tandem.engine.device.kv_cache import KVCache, KVLayout, cuda_budget_bytes, 
 from tandem.engine.errors import EngineBusyError, EngineDeadError, EngineHungError, InvalidRequestError
 from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.core import EngineCore
+from tandem.engine.host.kv_events import KvEventLog
 from tandem.engine.host.scheduling import Scheduler
 from tandem.engine.host.sequence import Sequence
 from tandem.engine.host.threads import on_fresh_thread
@@ -110,7 +111,7 @@ def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, 
     num_blocks = config.kv_blocks or num_blocks_for(layout, budget, config.max_num_seqs * loaded.max_model_len)
     kv = KVCache(layout, num_blocks, loaded.device)
     executor = make_executor(loaded, kv, config.seed, overlap=scheduler.overlap)
-    blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, events=KvEventLog())
     limits = ModelLimits(loaded.vocab_size, loaded.max_model_len, kv.capacity_tokens, requests=config.limits)
     core = EngineCore(
         executor,
@@ -257,6 +258,12 @@ class Engine:
             return replace(
                 snap, waiting=snap.waiting + self._queued, output_tokens_per_second=tokens / THROUGHPUT_WINDOW_S
             )
+
+    @property
+    def kv_events(self) -> KvEventLog | None:
+        """The prefix cache's stored and removed blocks, for routers (None: caching is off)."""
+        blocks = self.core.kv.blocks
+        return blocks.events if blocks.enable_prefix_caching else None
 
     def load(self) -> Load:
         s = self.stats()

@@ -14,6 +14,7 @@ import io
 import time
 import zipfile
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,12 +33,14 @@ from tandem.engine import (
     SamplingParams,
     StoppingCriteria,
 )
+from tandem.engine.host.kv_events import BlockRemoved, BlockStored
 from tandem.engine.request import DEFAULT_MAX_NEW_TOKENS, TokenLogprob
 from tandem.service.errors import invalid_argument
 from tandem.service.servicer import GenerationServicer
 
 SERVICE = pb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 TOKENIZER_CHUNK_BYTES = 512 * 1024
+KV_EVENT_POLL_S = 0.05
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -192,6 +195,34 @@ def tokenizer_bundle(model_dir: Path) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
+def stored(b: BlockStored) -> common_pb2.KvCacheEvent:
+    block = common_pb2.KvBlock(block_hash=b.block_hash, token_ids=b.token_ids, block_size=len(b.token_ids))
+    return common_pb2.KvCacheEvent(stored=common_pb2.KvBlocksStored(blocks=[block], parent_block_hash=b.parent_hash))
+
+
+def removed(b: BlockRemoved) -> common_pb2.KvCacheEvent:
+    return common_pb2.KvCacheEvent(removed=common_pb2.KvBlocksRemoved(block_hashes=[b.block_hash]))
+
+
+@dataclass
+class KvBatcher:
+    """Numbers a stream's batches consecutively from where the subscriber asked, and its events."""
+
+    sequence: int
+    event_id: int = 0
+
+    def batch(self, events: list[common_pb2.KvCacheEvent]) -> common_pb2.KvEventBatch:
+        for e in events:
+            self.event_id += 1
+            e.event_id = self.event_id
+        self.sequence += 1
+        return common_pb2.KvEventBatch(sequence_number=self.sequence - 1, timestamp=time.time(), events=events)
+
+
+def snapshot_events(blocks: list[BlockStored]) -> list[common_pb2.KvCacheEvent]:
+    return [common_pb2.KvCacheEvent(cleared=common_pb2.KvCacheCleared())] + [stored(b) for b in blocks]
+
+
 class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
     def __init__(self, generation: GenerationServicer, serving: Callable[[], bool]) -> None:
         self.generation = generation  # its engine slot, admission bound, metrics and logs
@@ -328,5 +359,23 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
     async def SubscribeKvEvents(
         self, msg: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.KvEventBatch]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "tandem does not publish KV cache events yet")
-        yield common_pb2.KvEventBatch()  # unreachable: makes this a stream handler
+        """First what the cache holds now (after a `cleared`), then each change, polled."""
+        engine = await self.generation.slot.get(context)
+        log = engine.kv_events
+        if log is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "prefix caching is off (--no-prefix-caching)")
+        assert log is not None
+        batcher = KvBatcher(msg.start_sequence_number or 1)
+        next_id, blocks = log.snapshot()
+        yield batcher.batch(snapshot_events(blocks))
+        while not context.cancelled():
+            await asyncio.sleep(KV_EVENT_POLL_S)
+            got = log.since(next_id)
+            if got is None:  # this reader fell behind the log: start over from a snapshot
+                next_id, blocks = log.snapshot()
+                events = snapshot_events(blocks)
+            else:
+                next_id, changes = got
+                events = [stored(e) if isinstance(e, BlockStored) else removed(e) for e in changes]
+            if events:
+                yield batcher.batch(events)

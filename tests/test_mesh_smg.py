@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vgrpc
 
@@ -197,6 +198,31 @@ def test_a_client_that_disconnects_has_its_request_aborted_on_the_replica(mesh: 
     assert all(x.running == 0 and x.kv_blocks_used == 0 for x in loads), loads
     logs = "".join(server_log(proc) for proc, _ in mesh.replicas)
     assert '"request_aborted"' in logs  # cut short, not run to its 900 tokens
+
+
+def test_kv_events_show_the_blocks_a_request_left_in_the_cache(mesh: Mesh) -> None:
+    """What smg's cache-aware policy reads: after a request, its prompt's full blocks are
+    stored, each chained to the one before, with their tokens."""
+    target = mesh.replicas[0][1]
+    prompt = list(range(100, 140))  # 40 tokens: two full blocks of 16
+    with grpc.insecure_channel(target) as ch:
+        call = vgrpc.VllmEngineStub(ch).SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(), timeout=30)
+        first = next(call)
+        assert first.events[0].HasField("cleared") and first.sequence_number == 1
+        pb_grpc.GenerationServiceStub(ch).Generate(
+            pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), stopping=pb.StoppingCriteria(max_new_tokens=2)),
+            timeout=30,
+        )
+        stored: list[common_pb2.KvBlocksStored] = []
+        for batch in call:
+            stored += [e.stored for e in batch.events if e.HasField("stored")]
+            if sum(len(s.blocks) for s in stored) >= 2:
+                break
+        call.cancel()
+    mine = [s for s in stored if list(s.blocks[0].token_ids) in (prompt[:16], prompt[16:32])]
+    assert [list(s.blocks[0].token_ids) for s in mine] == [prompt[:16], prompt[16:32]]
+    assert not mine[0].HasField("parent_block_hash")
+    assert mine[1].parent_block_hash == mine[0].blocks[0].block_hash
 
 
 def test_killing_a_replica_moves_new_requests_to_the_other(mesh: Mesh) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tandem.engine.host.kv_events import KvEventLog
+
 
 class OutOfBlocksError(RuntimeError):
     pass
@@ -35,8 +37,11 @@ def chain_hash(parent: int | None, tokens: np.ndarray) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, events: KvEventLog | None = None
+    ) -> None:
         self.num_blocks = num_blocks
+        self.events = events  # what routers see of the prefix cache
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = np.zeros(num_blocks, dtype=np.int32)
@@ -91,13 +96,15 @@ class BlockManager:
         self.stats.queried_tokens += queried
         self.stats.hit_tokens += hit
 
-    def register(self, block: int, block_hash: int, tokens: np.ndarray) -> None:
+    def register(self, block: int, block_hash: int, tokens: np.ndarray, parent_hash: int | None = None) -> None:
         """Make a full, computed block findable by its hash (first writer wins)."""
         if not self.enable_prefix_caching or block_hash in self._block_of or block in self._hash_of:
             return
         self._block_of[block_hash] = block
         self._hash_of[block] = block_hash
         self._tokens_of[block] = tokens.tobytes()
+        if self.events is not None:
+            self.events.stored(block_hash, parent_hash, tokens.tolist())
 
     def clear_cache(self) -> None:
         """Forget every cached block that nobody owns (owned ones stay findable)."""
@@ -146,6 +153,8 @@ class BlockManager:
         if h is not None:
             del self._block_of[h]
             del self._tokens_of[block]
+            if self.events is not None:
+                self.events.removed(h)
 
     # -- checking --------------------------------------------------------------------------
     def check_invariants(self, owned: list[list[int]] | None = None) -> None:

@@ -47,7 +47,8 @@ class KVAccounting:
             return
         hashes, tokens = self.chain_hashes(seq, full), seq.tokens
         for i in range(seq.num_registered, full):
-            self.blocks.register(seq.block_table[i], hashes[i], tokens[i * bs : (i + 1) * bs])
+            parent = hashes[i - 1] if i else None
+            self.blocks.register(seq.block_table[i], hashes[i], tokens[i * bs : (i + 1) * bs], parent)
         seq.num_registered = full
 
     # -- reserving and releasing -------------------------------------------------------------
