@@ -1,5 +1,6 @@
 """tandem behind SGLang Model Gateway (smg, pinned in the test extra), reached with the official
-OpenAI SDK: two real `tandem serve` replicas and a real `smg launch`, shared by the module."""
+OpenAI SDK: two real `tandem serve` replicas and a real `smg launch` (cache-aware, following the
+replicas' KV events), shared by the module."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,29 +37,28 @@ class Mesh:
     router: subprocess.Popen
     url: str
     log: Path
+    metrics: str  # the router's Prometheus endpoint
 
     def client(self, **kw: Any) -> Any:  # the SDK's overloads do not take **kwargs dicts
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60, **kw)
 
 
-def start_router(targets: list[str], policy: str = "round_robin") -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
+def start_router(targets: list[str], policy: str = "cache_aware") -> tuple[subprocess.Popen, str, Path, str]:
+    port, metrics = free_port(), free_port()
     log = Path(tempfile.mkstemp(prefix="smg-", suffix=".log")[1])
     cmd = [str(BIN / "smg"), "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", policy]
-    cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+    cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics)]
     cmd += ["--model-path", str(preset_path(MODEL)), "--worker-urls", *(f"grpc://{t}" for t in targets)]
     router = subprocess.Popen(
         cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    import urllib.request
-
     while time.monotonic() < deadline:
         try:
             body = urllib.request.urlopen(f"{url}/workers", timeout=2).read().decode()
             if body.count('"is_healthy":true') == len(targets):
-                return router, url, log
+                return router, url, log, f"http://127.0.0.1:{metrics}/metrics"
         except OSError:
             pass
         if router.poll() is not None:
@@ -71,12 +72,12 @@ def start_router(targets: list[str], policy: str = "round_robin") -> tuple[subpr
 def mesh() -> Iterator[Mesh]:
     replicas = [start_server("--model", MODEL) for _ in range(2)]
     try:
-        router, url, log = start_router([t for _, t in replicas])
+        router, url, log, metrics = start_router([t for _, t in replicas])
     except BaseException:
         for proc, _ in replicas:
             proc.kill()
         raise
-    yield Mesh(replicas, router, url, log)
+    yield Mesh(replicas, router, url, log, metrics)
     router.terminate()
     router.wait(10)
     for proc, _ in replicas:
@@ -223,6 +224,16 @@ def test_kv_events_show_the_blocks_a_request_left_in_the_cache(mesh: Mesh) -> No
     assert [list(s.blocks[0].token_ids) for s in mine] == [prompt[:16], prompt[16:32]]
     assert not mine[0].HasField("parent_block_hash")
     assert mine[1].parent_block_hash == mine[0].blocks[0].block_hash
+    # The router follows the same stream: it has applied stored blocks from the replicas.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(mesh.metrics, timeout=5).read().decode()
+        rows = [line for line in text.splitlines() if line.startswith("smg_kv_event_blocks_total{")]
+        stored_by_router = sum(float(line.split()[-1]) for line in rows if 'op="stored"' in line)
+        if stored_by_router >= 2:
+            break
+        time.sleep(0.5)
+    assert stored_by_router >= 2, text[-2000:]
 
 
 def test_killing_a_replica_moves_new_requests_to_the_other(mesh: Mesh) -> None:
