@@ -73,7 +73,7 @@ def texts(model: str, work: Workload) -> list[str]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_path(model))
-    return [tok.decode(p) for p in work.prompts]
+    return [str(tok.decode(p)) for p in work.prompts]
 
 
 async def openai_load(url: str, model: str, prompts: list[str], output_lens: list[int], concurrency: int) -> dict:
@@ -81,7 +81,7 @@ async def openai_load(url: str, model: str, prompts: list[str], output_lens: lis
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     gate = asyncio.Semaphore(concurrency)
-    out = {"output_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0, "errors": 0}
+    out: dict[str, float] = {"output_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0, "errors": 0}
 
     async def one(prompt: str, max_new: int) -> None:
         async with gate:
