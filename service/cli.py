@@ -167,6 +167,9 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--log-format", choices=["json", "console"], default="json", help="log lines as")
     field_flag(serve, opts, "metrics_port", type=int, help="serve Prometheus metrics on this port (0 picks one)")
     field_flag(
+        serve, opts, "otlp_endpoint", help="export OpenTelemetry traces over OTLP/gRPC here (the 'tracing' extra)"
+    )
+    field_flag(
         serve,
         EngineConfig,
         "step_timeout_s",
@@ -212,6 +215,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tokens = load_tokens(args.auth_token_file) if args.auth_token_file else None
     opts = from_flags(ServerOptions, args, auth_tokens=tokens)
     server_credentials(opts)  # bad TLS flags fail before the model loads
+    if opts.otlp_endpoint:
+        from tandem.service.tracing import setup_otlp
+
+        setup_otlp(opts.otlp_endpoint)  # a missing extra fails before the model loads
     config = from_flags(EngineConfig, args, limits=from_flags(RequestLimits, args))
     return run(lambda: Engine(config, scheduler), opts)
 

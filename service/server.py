@@ -59,6 +59,7 @@ class ServerOptions:
     auth_tokens: list[bytes] | None = None  # bearer tokens; None: no authentication
     log_prompts: bool = False  # prompt and output text in the logs (off: never logged)
     max_health_watches_per_peer: int = 64  # health Watch streams one client address may hold
+    otlp_endpoint: str | None = None  # OpenTelemetry traces exported here (OTLP/gRPC)
 
 
 def server_credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:

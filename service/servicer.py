@@ -17,7 +17,7 @@ from tandem.engine import (
     RequestOutput,
 )
 from tandem.engine.errors import EngineHungError
-from tandem.service import metrics
+from tandem.service import metrics, orca, tracing
 from tandem.service.auth import credential_id
 from tandem.service.convert import (
     GenerateMessage,
@@ -72,6 +72,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         # With bearer auth on, a request may be aborted only by the credential that sent it.
         self.scoped_aborts = scoped_aborts
         self._owners: dict[str, str] = {}  # request id -> credential id, while it runs
+        self.rate = orca.RequestRate()
 
     async def _prepare(self, msg: GenerateMessage, context: Context) -> GenerationRequest:
         if (await self.slot.get(context)).dead is not None:
@@ -141,6 +142,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     text.append(out.text)
                 if out.finished:
                     finished = True
+                    self._report_load(context)
+                    self._trace(context, request, received, first_at or now, now, out, tokens)
                     response.usage.CopyFrom(usage(out, tokens))
                     response.timings.time_to_first_token_seconds = (first_at or now) - received
                     response.timings.queue_seconds = out.queue_seconds or 0.0
@@ -155,6 +158,36 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         code = "CANCELLED" if context.cancelled() else (context.code() or grpc.StatusCode.UNKNOWN).name
         metrics.REQUESTS.labels("aborted", code).inc()
         log.info("request_aborted", request_id=request_id, code=code, completion_tokens=tokens)
+
+    def _trace(
+        self,
+        context: Context,
+        request: GenerationRequest,
+        received: float,
+        first_token: float,
+        end: float,
+        last: RequestOutput,
+        tokens: int,
+    ) -> None:
+        if not tracing.enabled():
+            return
+        admitted = received + (last.queue_seconds or 0.0)
+        timeline = tracing.Timeline(received, admitted, max(first_token, admitted), end)
+        reason = last.finish_reason.value if last.finish_reason else ""
+        attributes = {
+            "tandem.prompt_tokens": last.num_prompt_tokens,
+            "tandem.cached_tokens": last.num_cached_tokens,
+            "tandem.completion_tokens": tokens,
+            "tandem.finish_reason": reason,
+        }
+        tracing.record(context.invocation_metadata() or (), request.request_id or "", timeline, attributes)
+
+    def _report_load(self, context: Context) -> None:
+        """ORCA: this replica's load, in the trailers of the request that just finished."""
+        self.rate.mark()
+        engine = self.slot.engine
+        if engine is not None:
+            context.set_trailing_metadata((orca.trailer(engine.load(), self.rate.per_second()),))
 
     def _received(self, request: GenerationRequest, rpc: str) -> None:
         extra = dict(prompt=request.prompt) if self.log_prompts else {}
@@ -180,12 +213,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         received = time.monotonic()
         request = await self._prepare(msg, context)
         self._received(request, "Generate")
-        parts = [out async for out in self._outputs(request, context)]
+        parts, first_at = [], None
+        async for out in self._outputs(request, context):
+            first_at = first_at or time.monotonic()
+            parts.append(out)
         last = parts[-1]
         tokens = [t for p in parts for t in p.token_ids]
         text = "".join(p.text for p in parts)
         self._finished(request.request_id, last, len(tokens), received, text)
         lps = [lp for p in parts for lp in (p.logprobs or [])]
+        self._report_load(context)
+        self._trace(context, request, received, first_at or received, time.monotonic(), last, len(tokens))
         return pb.GenerateResponse(
             request_id=request.request_id,
             token_ids=tokens,

@@ -242,9 +242,10 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         top = request.output.logprobs and request.output.top_logprobs > 0
         tokens: list[int] = []
         lps: list[TokenLogprob] = []
-        finished = False
+        finished, first_at = False, None
         try:
             async for out in self.generation._outputs(request, context, field=protocol_field):
+                first_at = first_at or time.monotonic()
                 tokens += out.token_ids
                 lps += out.logprobs or []
                 if msg.stream:
@@ -260,6 +261,8 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
                 if out.finished:
                     finished = True
                     self.generation._finished(request.request_id, out, len(tokens), received, "")
+                    now = time.monotonic()
+                    self.generation._trace(context, request, received, first_at or now, now, out, len(tokens))
                     # Streaming, the router accumulates the chunks: the completion repeats only the last delta.
                     last = (out.token_ids, out.logprobs) if msg.stream else (tokens, lps)
                     yield complete(out, *last, top)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from smg_grpc_proto.generated import vllm_engine_pb2 as vllm_pb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vllm_grpc
+from xds.data.orca.v3.orca_load_report_pb2 import OrcaLoadReport
 
 from helpers import METRICS, make_engine, server_log, start_server
 from tandem.engine import SamplingParams, StoppingCriteria
@@ -433,3 +435,43 @@ def test_prometheus_metrics(server, stub) -> None:
         "tandem_e2e_latency_seconds_count",
     ):
         assert name in values, name
+
+
+def _orca_via_buf(target: str, method: str, body: str) -> OrcaLoadReport:
+    """gRPC's own clients consume `endpoint-load-metrics-bin` in their core (it is the ORCA
+    key), so the trailer is read the way a proxy sees it: with buf curl (Go), verbosely."""
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "buf"),
+            "curl",
+            "-v",
+            "--schema",
+            str(Path(__file__).resolve().parents[1]),
+            "--protocol",
+            "grpc",
+        ]
+        + ["--http2-prior-knowledge", "-d", body, f"http://{target}/tandem.v1.GenerationService/{method}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if "Endpoint-Load-Metrics-Bin:" in ln]
+    assert lines, out.stderr
+    value = lines[-1].split("Endpoint-Load-Metrics-Bin:")[1].strip()  # unpadded base64
+    return OrcaLoadReport.FromString(base64.b64decode(value + "=" * (-len(value) % 4)))
+
+
+def test_each_generation_carries_an_orca_load_report(server, stub) -> None:
+    """Envoy's load-aware balancing reads `endpoint-load-metrics-bin`: while a long stream holds
+    KV blocks, a short request's report shows it running and the KV in use."""
+    long = stub.GenerateStream(_greedy("a long one", 600))
+    next(long)  # admitted and holding blocks
+    body = '{"text": "a short one", "stopping": {"max_new_tokens": 2}}'
+    for method in ("GenerateStream", "Generate"):
+        report = _orca_via_buf(server, method, body)
+        assert report.named_metrics["running_requests"] >= 1
+        assert 0 < report.application_utilization <= 1
+        assert report.utilization["kv_cache"] == report.application_utilization
+        assert report.rps_fractional > 0
+    long.cancel()
