@@ -20,9 +20,10 @@ import grpc
 import pytest
 import yaml
 
-from helpers import BIN, ServerProcess, free_port, start_server
+from helpers import BIN, ServerProcess, free_port, server_log, start_server
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
+from tandem.v1 import info_pb2, info_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "envoy" / "envoy.yaml"
@@ -144,6 +145,34 @@ def test_the_same_greedy_tokens_through_envoy_and_directly_and_as_json(proxy: Pr
     assert err.value.code == 400 and "sampling.temperature" in (err.value.headers.get("grpc-message") or ""), dict(
         err.value.headers
     )
+
+
+def test_cancelling_a_stream_through_envoy_aborts_it_on_its_replica(proxy: Proxy) -> None:
+    with grpc.insecure_channel(proxy.target) as ch:
+        msg = pb.GenerateStreamRequest(
+            request_id="cancel-through-envoy",
+            text="go on",
+            stopping=pb.StoppingCriteria(max_new_tokens=900, ignore_eos=True),
+        )
+        call = pb_grpc.GenerationServiceStub(ch).GenerateStream(msg, timeout=60)
+        for i, _ in enumerate(call):
+            if i == 2:
+                break
+        call.cancel()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        loads = [info(t) for _, t in proxy.replicas]
+        if all(x.running == 0 and x.kv_blocks_used == 0 for x in loads):
+            break
+        time.sleep(0.1)
+    assert all(x.running == 0 and x.kv_blocks_used == 0 for x in loads), loads
+    logs = "".join(server_log(p) for p, _ in proxy.replicas)
+    assert '"request_aborted"' in logs and "cancel-through-envoy" in logs
+
+
+def info(target: str) -> info_pb2.GetLoadResponse:
+    with grpc.insecure_channel(target) as ch:
+        return info_pb2_grpc.InfoServiceStub(ch).GetLoad(info_pb2.GetLoadRequest(), timeout=5)
 
 
 def test_a_drained_replica_loses_no_request_that_had_not_started(proxy: Proxy) -> None:
