@@ -269,6 +269,7 @@ def test_killing_a_replica_under_load(mesh: Mesh) -> None:
     for t in threads:
         t.join(120)
     failed = [r for r in results if r != "finished"]
+    print(f"on the killed replica: {on_victim} streams; outcomes: {results}")
     assert 1 <= len(failed) <= on_victim and len(results) == 6, (on_victim, results)
     assert all(r.startswith("error: ") for r in failed), failed  # a clear error, not a silent truncation
     after = [client.completions.create(model=MODEL, prompt=f"after {i}", max_tokens=4, temperature=0) for i in range(6)]
