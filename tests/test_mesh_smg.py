@@ -4,6 +4,8 @@ replicas' KV events), shared by the module."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import signal
 import subprocess
@@ -11,6 +13,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +238,31 @@ def test_kv_events_show_the_blocks_a_request_left_in_the_cache(mesh: Mesh) -> No
             break
         time.sleep(0.5)
     assert stored_by_router >= 2, text[-2000:]
+
+
+def test_model_info_tokenizer_bundle_and_loads_for_the_router(mesh: Mesh) -> None:
+    """What smg reads from a worker: its model and tokenizer (as a zip when the router cannot
+    see the path) and its load, while a stream runs."""
+    target = mesh.replicas[0][1]
+    with grpc.insecure_channel(target) as ch:
+        stub = vgrpc.VllmEngineStub(ch)
+        info = stub.GetModelInfo(vpb.GetModelInfoRequest(), timeout=10)
+        assert info.served_model_name == MODEL and info.max_context_length == 1024 and list(info.eos_token_ids) == [1]
+        chunks = list(stub.GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=30))
+        data = b"".join(c.data for c in chunks)
+        assert chunks[-1].sha256 == hashlib.sha256(data).hexdigest()
+        names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
+        assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= names
+        assert Path(info.tokenizer_path, "tokenizer.json").read_bytes() == zipfile.ZipFile(io.BytesIO(data)).read(
+            "tokenizer.json"
+        )
+        running = pb_grpc.GenerationServiceStub(ch).GenerateStream(
+            pb.GenerateStreamRequest(text="busy", stopping=pb.StoppingCriteria(max_new_tokens=800, ignore_eos=True))
+        )
+        next(running)
+        load = stub.GetLoads(vpb.GetLoadsRequest(), timeout=10).loads[0]
+        assert load.num_running_reqs >= 1 and 0 < load.token_usage <= 1 and load.max_total_num_tokens > 0
+        running.cancel()
 
 
 def test_killing_a_replica_under_load(mesh: Mesh) -> None:
