@@ -1,7 +1,8 @@
 """tandem behind smg: what the router costs, and what cache-aware routing buys.
 
-- `overhead`: one replica; the workload at a fixed concurrency straight over tandem.v1 gRPC and
-  through `smg` with the OpenAI SDK (text prompts, the router tokenizes), output tok/s of each.
+- `overhead`: one replica; the workload at a fixed concurrency straight over tandem.v1 gRPC
+  (token ids) and through `smg` with the OpenAI SDK (the prompts decoded to text, which the
+  router tokenizes again: prompt lengths can differ a little, both are reported).
 - `routing`: two fresh replicas per policy behind smg; prefix-cache hit rate and output tok/s
   with `cache_aware` (which follows the replicas' KV events) against `round_robin`.
 """
@@ -9,8 +10,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,8 +31,12 @@ BIN = Path(sys.executable).parent
 
 @dataclass
 class Router:
+    """`smg launch` in a subprocess, its workers registered and healthy."""
+
     proc: subprocess.Popen
-    url: str
+    url: str  # the OpenAI API's base, http://HOST:PORT
+    metrics: str  # its Prometheus endpoint
+    log: Path
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -37,35 +44,39 @@ class Router:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_router(model: str, targets: list[str], policy: str) -> Router:
-    port = free_port()
+def healthy_workers(url: str) -> int:
+    workers = json.loads(urllib.request.urlopen(f"{url}/workers", timeout=2).read())["workers"]
+    return sum(1 for w in workers if w.get("is_healthy"))
+
+
+def start_router(model: str, targets: list[str], policy: str, timeout: float = 60.0) -> Router:
+    port, metrics = free_port(), free_port()
     cmd = [str(BIN / "smg"), "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", policy]
-    cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warn"]
+    cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics)]
     cmd += ["--model-path", str(resolve_path(model)), "--worker-urls", *(f"grpc://{t}" for t in targets)]
-    log = tempfile.NamedTemporaryFile("w", prefix="smg-bench-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    log = Path(tempfile.mkstemp(prefix="smg-", suffix=".log")[1])
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    router = Router(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics}/metrics", log)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            body = urllib.request.urlopen(f"{url}/workers", timeout=2).read().decode()
-            if body.count('"is_healthy":true') == len(targets):
-                return Router(proc, url)
-        except OSError:
+            if healthy_workers(router.url) == len(targets):
+                return router
+        except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"smg did not start; its log: {log.name}")
+    router.stop()
+    raise RuntimeError(f"smg did not register {len(targets)} healthy workers: {log.read_text()[-3000:]}")
 
 
 def texts(model: str, work: Workload) -> list[str]:
@@ -105,7 +116,7 @@ async def openai_load(url: str, model: str, prompts: list[str], output_lens: lis
                 out["errors"] += 1
 
     await one(prompts[0][:32], 2)  # warm-up: connection, tokenizer, first step
-    out.update(output_tokens=0, prompt_tokens=0, cached_tokens=0)
+    out.update(output_tokens=0, prompt_tokens=0, cached_tokens=0, errors=0)
     start = time.perf_counter()
     await asyncio.gather(*(one(p, n) for p, n in zip(prompts, output_lens)))
     out["wall_s"] = time.perf_counter() - start
@@ -119,7 +130,14 @@ def direct(target: str, work: Workload, concurrency: int) -> dict:
     records, wall = asyncio.run(run_load(target, work, float("inf"), concurrency, label="direct gRPC"))
     done: list[Record] = [r for r in records if r.error is None]
     tokens = sum(r.output_tokens for r in done)
-    return {"output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall, "errors": len(records) - len(done)}
+    prompt = sum(r.prompt_tokens for r in done)
+    return {
+        "output_tokens": tokens,
+        "prompt_tokens": prompt,
+        "wall_s": wall,
+        "output_tok_s": tokens / wall,
+        "errors": len(records) - len(done),
+    }
 
 
 def overhead(model: str, work: Workload, concurrency: int) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 import structlog
@@ -47,7 +47,7 @@ def _request_id(msg: GenerateMessage, context: Context) -> str:
     return uuid.uuid4().hex
 
 
-def _bad_request_id(request_id: str) -> str | None:
+def bad_request_id(request_id: str) -> str | None:
     """Ids are echoed as x-request-id metadata, so they must be legal header values."""
     if len(request_id) > MAX_REQUEST_ID:
         return f"{len(request_id)} characters, over the limit of {MAX_REQUEST_ID}"
@@ -82,12 +82,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except InvalidRequestError as exc:
             await context.abort_with_status(invalid_argument(exc.field, exc.message))
         request.request_id = _request_id(msg, context)
-        if problem := _bad_request_id(request.request_id):
+        if problem := bad_request_id(request.request_id):
             await context.abort_with_status(invalid_argument("request_id", problem))
         await context.send_initial_metadata((("x-request-id", request.request_id),))
         return request
 
-    async def _outputs(
+    async def outputs(
         self, request: GenerationRequest, context: Context, field: Callable[[str], str] | None = None
     ) -> AsyncIterator[RequestOutput]:
         """The engine's outputs; engine errors become gRPC statuses (a field named by `field`,
@@ -122,12 +122,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         received = time.monotonic()
         request = await self._prepare(msg, context)
-        self._received(request, "GenerateStream")
+        self.received(request, "GenerateStream")
         first_at: float | None = None  # the first response's time
         last_at = received
         tokens, finished, text = 0, False, []
         try:
-            async for out in self._outputs(request, context):
+            async for out in self.outputs(request, context):
                 now = time.monotonic()
                 response = stream_response(out, first_at is None)
                 if first_at is None:
@@ -143,23 +143,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 if out.finished:
                     finished = True
                     self._report_load(context)
-                    self._trace(context, request, received, first_at or now, now, out, tokens)
+                    self.trace(context, request, received, first_at or now, now, out, tokens)
                     response.usage.CopyFrom(usage(out, tokens))
                     response.timings.time_to_first_token_seconds = (first_at or now) - received
                     response.timings.queue_seconds = out.queue_seconds or 0.0
                     response.timings.total_seconds = now - received
-                    self._finished(request.request_id, out, tokens, received, "".join(text))
+                    self.finished(request.request_id, out, tokens, received, "".join(text))
                 yield response
         finally:
             if not finished:  # cancelled, deadline, or an error status
-                self._aborted(request.request_id, context, tokens)
+                self.aborted(request.request_id, context, tokens)
 
-    def _aborted(self, request_id: str | None, context: Context, tokens: int) -> None:
+    def aborted(self, request_id: str | None, context: Context, tokens: int) -> None:
         code = "CANCELLED" if context.cancelled() else (context.code() or grpc.StatusCode.UNKNOWN).name
         metrics.REQUESTS.labels("aborted", code).inc()
         log.info("request_aborted", request_id=request_id, code=code, completion_tokens=tokens)
 
-    def _trace(
+    def trace(
         self,
         context: Context,
         request: GenerationRequest,
@@ -189,11 +189,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if engine is not None:
             context.set_trailing_metadata((orca.trailer(engine.load(), self.rate.per_second()),))
 
-    def _received(self, request: GenerationRequest, rpc: str) -> None:
+    def received(self, request: GenerationRequest, rpc: str) -> None:
         extra = dict(prompt=request.prompt) if self.log_prompts else {}
         log.info("request_received", request_id=request.request_id, rpc=rpc, **extra)
 
-    def _finished(self, request_id: str | None, last: RequestOutput, tokens: int, received: float, text: str) -> None:
+    def finished(self, request_id: str | None, last: RequestOutput, tokens: int, received: float, text: str) -> None:
         seconds = time.monotonic() - received
         assert last.finish_reason is not None, "the last output of a request is its finish"
         reason = last.finish_reason.value
@@ -212,18 +212,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(self, msg: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         received = time.monotonic()
         request = await self._prepare(msg, context)
-        self._received(request, "Generate")
+        self.received(request, "Generate")
         parts, first_at = [], None
-        async for out in self._outputs(request, context):
+        async for out in self.outputs(request, context):
             first_at = first_at or time.monotonic()
             parts.append(out)
         last = parts[-1]
         tokens = [t for p in parts for t in p.token_ids]
         text = "".join(p.text for p in parts)
-        self._finished(request.request_id, last, len(tokens), received, text)
+        self.finished(request.request_id, last, len(tokens), received, text)
         lps = [lp for p in parts for lp in (p.logprobs or [])]
         self._report_load(context)
-        self._trace(context, request, received, first_at or received, time.monotonic(), last, len(tokens))
+        self.trace(context, request, received, first_at or received, time.monotonic(), last, len(tokens))
         return pb.GenerateResponse(
             request_id=request.request_id,
             token_ids=tokens,
@@ -235,13 +235,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
 
     async def Abort(self, msg: pb.AbortRequest, context: Context) -> pb.AbortResponse:
+        await self.abort_owned(msg.request_ids, context)
+        return pb.AbortResponse()
+
+    async def abort_owned(self, request_ids: Iterable[str], context: Context) -> None:
+        """Abort the ids the caller may abort (with bearer auth, those its credential sent)."""
         engine = await self.slot.get(context)
         caller = credential_id(context.invocation_metadata()) if self.scoped_aborts else ""
-        for request_id in msg.request_ids:
+        for request_id in request_ids:
             # Another credential's request is left alone, and the answer says nothing of it.
             if self._owners.get(request_id, caller) == caller:
                 engine.abort(request_id)
-        return pb.AbortResponse()
 
     async def Tokenize(self, msg: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
         ids = await (await self.slot.get(context)).encode(msg.text, add_special_tokens=msg.add_special_tokens)

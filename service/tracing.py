@@ -13,14 +13,16 @@ from typing import Any
 SPAN = "tandem.generate"
 
 
+try:  # once: a failed import is not cached by Python, and this is asked on every request
+    from opentelemetry import trace as _trace
+    from opentelemetry.sdk.trace import TracerProvider as _SdkProvider
+except ImportError:
+    _trace = None  # type: ignore[assignment]
+
+
 def enabled() -> bool:
     """A real tracer provider is installed (the API alone gives a no-op one)."""
-    try:
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import TracerProvider
-    except ImportError:
-        return False
-    return isinstance(trace.get_tracer_provider(), TracerProvider)
+    return _trace is not None and isinstance(_trace.get_tracer_provider(), _SdkProvider)
 
 
 def setup_otlp(endpoint: str, service_name: str = "tandem") -> None:

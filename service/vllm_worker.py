@@ -34,13 +34,14 @@ from tandem.engine import (
     StoppingCriteria,
 )
 from tandem.engine.host.kv_events import BlockRemoved, BlockStored
-from tandem.engine.request import DEFAULT_MAX_NEW_TOKENS, TokenLogprob
+from tandem.engine.request import DEFAULT_MAX_NEW_TOKENS, ModelLimits, TokenLogprob
 from tandem.service.errors import invalid_argument
-from tandem.service.servicer import GenerationServicer
+from tandem.service.servicer import GenerationServicer, bad_request_id
 
 SERVICE = pb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 TOKENIZER_CHUNK_BYTES = 512 * 1024
 KV_EVENT_POLL_S = 0.05
+KV_EVENTS_PER_BATCH = 2000  # ~90 bytes each: far below a 4 MiB message
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -79,7 +80,9 @@ UNSUPPORTED_REQUEST = {
 }
 
 
-def protocol_field(engine_field: str) -> str:
+def protocol_field(engine_field: str, request: GenerationRequest) -> str:
+    if engine_field.startswith("prompt") and isinstance(request.prompt, str):
+        return "text"
     if engine_field in FIELDS:
         return FIELDS[engine_field]
     return "sampling_params." + engine_field.partition(".")[2] if "." in engine_field else engine_field
@@ -108,10 +111,12 @@ def _prompt(msg: pb.GenerateRequest, max_model_len: int) -> str | list[int]:
     kind = msg.WhichOneof("input")
     if kind is None:
         raise InvalidRequestError("input", "set either tokenized or text")
+    s = msg.sampling_params
     if kind == "text":
+        if s.HasField("truncate_prompt_tokens"):
+            raise InvalidRequestError("sampling_params.truncate_prompt_tokens", "needs tokenized input")
         return msg.text
     ids = list(msg.tokenized.input_ids)
-    s = msg.sampling_params
     if s.HasField("truncate_prompt_tokens"):
         keep = max_model_len if s.truncate_prompt_tokens == -1 else s.truncate_prompt_tokens
         if keep < 1:
@@ -120,11 +125,23 @@ def _prompt(msg: pb.GenerateRequest, max_model_len: int) -> str | list[int]:
     return ids
 
 
-def to_request(msg: pb.GenerateRequest, max_model_len: int, max_new_cap: int | None = None) -> GenerationRequest:
+def default_max_tokens(prompt: str | list[int], limits: ModelLimits) -> int:
+    """vLLM's default: up to the context, here also within the KV cache and the operator's cap."""
+    if not isinstance(prompt, list):  # a text prompt's length is known only once tokenized
+        return DEFAULT_MAX_NEW_TOKENS
+    room = min(limits.max_model_len, limits.kv_capacity_tokens) - len(prompt)
+    if room < 1:
+        raise InvalidRequestError(
+            "tokenized.input_ids", f"{len(prompt)} tokens leave no room to generate (context {limits.max_model_len})"
+        )
+    return min(room, limits.requests.max_new_tokens or room)
+
+
+def to_request(msg: pb.GenerateRequest, limits: ModelLimits) -> GenerationRequest:
     """A vLLM GenerateRequest as an engine request (validated by the engine on submit).
     Unset fields take vLLM's defaults: temperature 1, no max_tokens meaning up to the context."""
     _check_supported(msg)
-    prompt = _prompt(msg, max_model_len)
+    prompt = _prompt(msg, limits.max_model_len)
     s = msg.sampling_params
     sampling = SamplingParams(
         temperature=s.temperature if s.HasField("temperature") else 1.0,
@@ -137,11 +154,7 @@ def to_request(msg: pb.GenerateRequest, max_model_len: int, max_new_cap: int | N
         logit_bias={int(k): float(v) for k, v in s.logit_bias.items()},
         seed=s.seed if s.HasField("seed") else None,
     )
-    if s.HasField("max_tokens"):
-        max_new = s.max_tokens
-    else:
-        max_new = max(1, max_model_len - len(prompt)) if isinstance(prompt, list) else DEFAULT_MAX_NEW_TOKENS
-        max_new = min(max_new, max_new_cap or max_new)  # the operator's --max-new-tokens, if any
+    max_new = s.max_tokens if s.HasField("max_tokens") else default_max_tokens(prompt, limits)
     stopping = StoppingCriteria(
         max_new_tokens=max_new,
         min_new_tokens=s.min_tokens,
@@ -211,12 +224,18 @@ class KvBatcher:
     sequence: int
     event_id: int = 0
 
-    def batch(self, events: list[common_pb2.KvCacheEvent]) -> common_pb2.KvEventBatch:
-        for e in events:
-            self.event_id += 1
-            e.event_id = self.event_id
-        self.sequence += 1
-        return common_pb2.KvEventBatch(sequence_number=self.sequence - 1, timestamp=time.time(), events=events)
+    def batches(self, events: list[common_pb2.KvCacheEvent]) -> list[common_pb2.KvEventBatch]:
+        """At most KV_EVENTS_PER_BATCH events a batch: a snapshot of a large cache would
+        otherwise outgrow the router's message limit."""
+        out = []
+        for start in range(0, len(events), KV_EVENTS_PER_BATCH):
+            chunk = events[start : start + KV_EVENTS_PER_BATCH]
+            for e in chunk:
+                self.event_id += 1
+                e.event_id = self.event_id
+            out.append(common_pb2.KvEventBatch(sequence_number=self.sequence, timestamp=time.time(), events=chunk))
+            self.sequence += 1
+        return out
 
 
 def snapshot_events(blocks: list[BlockStored]) -> list[common_pb2.KvCacheEvent]:
@@ -232,19 +251,21 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
     async def Generate(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator:
         engine = await self.generation.slot.get(context)
         try:
-            request = to_request(msg, engine.model.max_model_len, engine.config.limits.max_new_tokens)
+            request = to_request(msg, engine.core.limits)
         except InvalidRequestError as exc:
             await context.abort_with_status(invalid_argument(exc.field, exc.message))
         if not request.request_id:
             request.request_id = f"vllm-{time.monotonic_ns()}"
+        if problem := bad_request_id(request.request_id):
+            await context.abort_with_status(invalid_argument("request_id", problem))
         received = time.monotonic()
-        self.generation._received(request, "vllm.Generate")
+        self.generation.received(request, "vllm.Generate")
         top = request.output.logprobs and request.output.top_logprobs > 0
         tokens: list[int] = []
         lps: list[TokenLogprob] = []
         finished, first_at = False, None
         try:
-            async for out in self.generation._outputs(request, context, field=protocol_field):
+            async for out in self.generation.outputs(request, context, field=lambda f: protocol_field(f, request)):
                 first_at = first_at or time.monotonic()
                 tokens += out.token_ids
                 lps += out.logprobs or []
@@ -260,15 +281,15 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
                     )
                 if out.finished:
                     finished = True
-                    self.generation._finished(request.request_id, out, len(tokens), received, "")
+                    self.generation.finished(request.request_id, out, len(tokens), received, "")
                     now = time.monotonic()
-                    self.generation._trace(context, request, received, first_at or now, now, out, len(tokens))
+                    self.generation.trace(context, request, received, first_at or now, now, out, len(tokens))
                     # Streaming, the router accumulates the chunks: the completion repeats only the last delta.
                     last = (out.token_ids, out.logprobs) if msg.stream else (tokens, lps)
                     yield complete(out, *last, top)
         finally:
             if not finished:  # the router aborted or the client left; the engine has dropped it
-                self.generation._aborted(request.request_id, context, len(tokens))
+                self.generation.aborted(request.request_id, context, len(tokens))
 
     async def Embed(self, msg: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "tandem serves generation models; Embed is not supported")
@@ -285,9 +306,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         return pb.HealthCheckResponse(healthy=True, message="serving")
 
     async def Abort(self, msg: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        engine = await self.generation.slot.get(context)
-        for request_id in msg.request_ids:
-            engine.abort(request_id)
+        await self.generation.abort_owned(msg.request_ids, context)  # scoped like tandem.v1's
         return pb.AbortResponse()
 
     async def GetModelInfo(
@@ -370,9 +389,14 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         assert log is not None
         batcher = KvBatcher(msg.start_sequence_number or 1)
         next_id, blocks = log.snapshot()
-        yield batcher.batch(snapshot_events(blocks))
-        while not context.cancelled():
+        events = snapshot_events(blocks)
+        # Ends when the server drains, so that a subscribed router does not hold the drain to --grace.
+        while True:
+            for batch in batcher.batches(events):
+                yield batch
             await asyncio.sleep(KV_EVENT_POLL_S)
+            if context.cancelled() or not self.serving():
+                return
             got = log.since(next_id)
             if got is None:  # this reader fell behind the log: start over from a snapshot
                 next_id, blocks = log.snapshot()
@@ -380,5 +404,3 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
             else:
                 next_id, changes = got
                 events = [stored(e) if isinstance(e, BlockStored) else removed(e) for e in changes]
-            if events:
-                yield batcher.batch(events)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def replica_load(target: str) -> Any:  # tandem.v1 GetLoadResponse
+    import grpc
+
+    from tandem.v1 import info_pb2, info_pb2_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        return info_pb2_grpc.InfoServiceStub(ch).GetLoad(info_pb2.GetLoadRequest(), timeout=5)
+
+
+def wait_until_idle(targets: list[str], timeout: float = 15.0) -> list[Any]:
+    """Poll until no replica runs, queues or owns KV blocks (or time is up); the last loads."""
+    deadline = time.monotonic() + timeout
+    while True:
+        loads = [replica_load(t) for t in targets]
+        idle = all(x.running == 0 and x.waiting == 0 and x.kv_blocks_used == 0 for x in loads)
+        if idle or time.monotonic() > deadline:
+            return loads
+        time.sleep(0.1)
+
+
+def assert_aborted_and_freed(replicas: list[tuple[ServerProcess, str]], marker: str = "") -> None:
+    """A request was cut short (logged as aborted, with `marker` in the logs) and every replica
+    is idle again with its KV blocks back."""
+    loads = wait_until_idle([t for _, t in replicas])
+    assert all(x.running == 0 and x.kv_blocks_used == 0 for x in loads), loads
+    logs = "".join(server_log(proc) for proc, _ in replicas)
+    assert '"request_aborted"' in logs and marker in logs
 
 
 def server_log(proc: ServerProcess) -> str:

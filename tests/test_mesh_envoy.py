@@ -20,10 +20,9 @@ import grpc
 import pytest
 import yaml
 
-from helpers import BIN, ServerProcess, free_port, server_log, start_server
+from helpers import BIN, ServerProcess, assert_aborted_and_freed, free_port, start_server
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
-from tandem.v1 import info_pb2, info_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "envoy" / "envoy.yaml"
@@ -159,20 +158,7 @@ def test_cancelling_a_stream_through_envoy_aborts_it_on_its_replica(proxy: Proxy
             if i == 2:
                 break
         call.cancel()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        loads = [info(t) for _, t in proxy.replicas]
-        if all(x.running == 0 and x.kv_blocks_used == 0 for x in loads):
-            break
-        time.sleep(0.1)
-    assert all(x.running == 0 and x.kv_blocks_used == 0 for x in loads), loads
-    logs = "".join(server_log(p) for p, _ in proxy.replicas)
-    assert '"request_aborted"' in logs and "cancel-through-envoy" in logs
-
-
-def info(target: str) -> info_pb2.GetLoadResponse:
-    with grpc.insecure_channel(target) as ch:
-        return info_pb2_grpc.InfoServiceStub(ch).GetLoad(info_pb2.GetLoadRequest(), timeout=5)
+    assert_aborted_and_freed(proxy.replicas, "cancel-through-envoy")
 
 
 def test_a_drained_replica_loses_no_request_that_had_not_started(proxy: Proxy) -> None:

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -26,11 +23,10 @@ from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vgrpc
 
-from helpers import BIN, ServerProcess, free_port, server_log, start_server
-from tandem.engine.model.presets import preset_path
+from helpers import ServerProcess, assert_aborted_and_freed, replica_load, start_server
+from tandem.bench.mesh import Router, start_router
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
-from tandem.v1 import info_pb2, info_pb2_grpc
 
 MODEL = "tiny-llama"
 
@@ -38,60 +34,26 @@ MODEL = "tiny-llama"
 @dataclass
 class Mesh:
     replicas: list[tuple[ServerProcess, str]]
-    router: subprocess.Popen
-    url: str
-    log: Path
-    metrics: str  # the router's Prometheus endpoint
+    router: Router
 
     def client(self, **kw: Any) -> Any:  # the SDK's overloads do not take **kwargs dicts
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60, **kw)
-
-
-def start_router(targets: list[str], policy: str = "cache_aware") -> tuple[subprocess.Popen, str, Path, str]:
-    port, metrics = free_port(), free_port()
-    log = Path(tempfile.mkstemp(prefix="smg-", suffix=".log")[1])
-    cmd = [str(BIN / "smg"), "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", policy]
-    cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics)]
-    cmd += ["--model-path", str(preset_path(MODEL)), "--worker-urls", *(f"grpc://{t}" for t in targets)]
-    router = subprocess.Popen(
-        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            body = urllib.request.urlopen(f"{url}/workers", timeout=2).read().decode()
-            if body.count('"is_healthy":true') == len(targets):
-                return router, url, log, f"http://127.0.0.1:{metrics}/metrics"
-        except OSError:
-            pass
-        if router.poll() is not None:
-            break
-        time.sleep(0.5)
-    router.kill()
-    raise RuntimeError(f"smg did not register {len(targets)} workers: {log.read_text()[-3000:]}")
+        return openai.OpenAI(base_url=f"{self.router.url}/v1", api_key="unused", max_retries=0, timeout=60, **kw)
 
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
     replicas = [start_server("--model", MODEL) for _ in range(2)]
     try:
-        router, url, log, metrics = start_router([t for _, t in replicas])
+        router = start_router(MODEL, [t for _, t in replicas], "cache_aware")
     except BaseException:
         for proc, _ in replicas:
             proc.kill()
         raise
-    yield Mesh(replicas, router, url, log, metrics)
-    router.terminate()
-    router.wait(10)
+    yield Mesh(replicas, router)
+    router.stop()
     for proc, _ in replicas:
         proc.kill()
         proc.wait(10)
-
-
-def load(target: str) -> info_pb2.GetLoadResponse:
-    with grpc.insecure_channel(target) as ch:
-        return info_pb2_grpc.InfoServiceStub(ch).GetLoad(info_pb2.GetLoadRequest(), timeout=5)
 
 
 def direct_text(target: str, prompt: str, max_new: int) -> str:
@@ -194,15 +156,7 @@ def test_a_client_that_disconnects_has_its_request_aborted_on_the_replica(mesh: 
         if i == 3:
             break
     stream.close()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        loads = [load(t) for _, t in mesh.replicas]
-        if all(x.running == 0 and x.waiting == 0 and x.kv_blocks_used == 0 for x in loads):
-            break
-        time.sleep(0.1)
-    assert all(x.running == 0 and x.kv_blocks_used == 0 for x in loads), loads
-    logs = "".join(server_log(proc) for proc, _ in mesh.replicas)
-    assert '"request_aborted"' in logs  # cut short, not run to its 900 tokens
+    assert_aborted_and_freed(mesh.replicas)  # cut short, not run to its 900 tokens
 
 
 def test_kv_events_show_the_blocks_a_request_left_in_the_cache(mesh: Mesh) -> None:
@@ -231,7 +185,7 @@ def test_kv_events_show_the_blocks_a_request_left_in_the_cache(mesh: Mesh) -> No
     # The router follows the same stream: it has applied stored blocks from the replicas.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        text = urllib.request.urlopen(mesh.metrics, timeout=5).read().decode()
+        text = urllib.request.urlopen(mesh.router.metrics, timeout=5).read().decode()
         rows = [line for line in text.splitlines() if line.startswith("smg_kv_event_blocks_total{")]
         stored_by_router = sum(float(line.split()[-1]) for line in rows if 'op="stored"' in line)
         if stored_by_router >= 2:
@@ -289,9 +243,11 @@ def test_killing_a_replica_under_load(mesh: Mesh) -> None:
     victim, victim_target = mesh.replicas[1]
     survivor_target = mesh.replicas[0][1]
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (load(victim_target).running == 0 or load(survivor_target).running == 0):
+    while time.monotonic() < deadline and (
+        replica_load(victim_target).running == 0 or replica_load(survivor_target).running == 0
+    ):
         time.sleep(0.05)
-    on_victim = load(victim_target).running
+    on_victim = replica_load(victim_target).running
     victim.send_signal(signal.SIGKILL)
     victim.wait(10)
     for t in threads:

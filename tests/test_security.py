@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from smg_grpc_proto.generated import vllm_engine_pb2 as vllm_pb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vllm_grpc
 
 from helpers import BIN, server_log, start_server
 from tandem.v1 import generation_pb2 as pb
@@ -227,6 +229,8 @@ def test_every_rpc_needs_a_token_and_aborts_stay_with_their_credential(pki) -> N
             mine = gen.GenerateStream(long("mine"), metadata=_auth(TOKEN), timeout=120)
             next(mine)
             assert gen.Abort(pb.AbortRequest(request_ids=["mine"]), metadata=_auth("second-token"), timeout=30)
+            vllm = vllm_grpc.VllmEngineStub(channel)  # smg's protocol scopes aborts the same way
+            vllm.Abort(vllm_pb.AbortRequest(request_ids=["mine"]), metadata=_auth("second-token"), timeout=30)
             rest = list(mine)
             assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
             # Its own credential may abort it.

@@ -33,7 +33,7 @@ class KvEventLog:
         self._lock = threading.Lock()
         self._events: deque[KvEvent] = deque(maxlen=max_events)
         self._next = 1  # the id the next event gets
-        self._cached: dict[int, BlockStored] = {}  # insertion order: parents before children
+        self._cached: dict[int, BlockStored] = {}  # in the order they were stored
 
     def stored(self, block_hash: int, parent_hash: int | None, token_ids: list[int]) -> None:
         event = BlockStored(block_hash, parent_hash, tuple(token_ids))
@@ -51,7 +51,8 @@ class KvEventLog:
         self._next += 1
 
     def snapshot(self) -> tuple[int, list[BlockStored]]:
-        """(the id of the next event, every block cached now, parents first)."""
+        """(the id of the next event, every block cached now, in the order they were stored:
+        a parent before its children, unless the parent was evicted and stored again)."""
         with self._lock:
             return self._next, list(self._cached.values())
 
