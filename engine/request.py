@@ -55,6 +55,7 @@ class StoppingCriteria:
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    include_stop_string: bool = False  # keep the matched stop string at the end of the text
 
 
 @dataclass

@@ -61,6 +61,7 @@ def to_request(msg: GenerateMessage) -> GenerationRequest:
         stop_token_ids=list(t.stop_token_ids),
         stop_strings=list(t.stop_strings),
         ignore_eos=_opt(t, "ignore_eos", False),
+        include_stop_string=t.include_stop_string,
     )
     output = OutputOptions(logprobs=msg.output.logprobs, top_logprobs=msg.output.top_logprobs)
     return GenerationRequest(prompt, sampling, stopping, output, msg.request_id or None, msg.priority)
@@ -88,6 +89,7 @@ def to_message(request: GenerationRequest) -> pb.GenerateStreamRequest:
             stop_token_ids=t.stop_token_ids,
             stop_strings=t.stop_strings,
             ignore_eos=t.ignore_eos,
+            include_stop_string=t.include_stop_string,
         ),
         output=pb.OutputOptions(logprobs=o.logprobs, top_logprobs=o.top_logprobs),
         priority=request.priority,
@@ -142,4 +144,13 @@ def stream_response(out: RequestOutput, first: bool) -> pb.GenerateStreamRespons
         msg.cached_prompt_tokens = out.num_cached_tokens
     if out.finished:
         msg.finish_reason = finish_reason(out)
+        set_matched_stop(msg, out)
     return msg
+
+
+def set_matched_stop(msg: pb.GenerateStreamResponse | pb.GenerateResponse, out: RequestOutput) -> None:
+    """Which stop string, stop token or EOS token ended the request (none for length or abort)."""
+    if isinstance(out.stop, str):
+        msg.matched_stop_string = out.stop
+    elif isinstance(out.stop, int):
+        msg.matched_token_id = out.stop

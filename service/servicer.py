@@ -24,6 +24,7 @@ from tandem.service.convert import (
     api_field,
     finish_reason,
     logprobs,
+    set_matched_stop,
     stream_response,
     to_request,
     usage,
@@ -224,7 +225,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         lps = [lp for p in parts for lp in (p.logprobs or [])]
         self._report_load(context)
         self.trace(context, request, received, first_at or received, time.monotonic(), last, len(tokens))
-        return pb.GenerateResponse(
+        response = pb.GenerateResponse(
             request_id=request.request_id,
             token_ids=tokens,
             text=text,
@@ -233,6 +234,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             usage=usage(last, len(tokens)),
             timings=pb.Timings(total_seconds=time.monotonic() - received, queue_seconds=last.queue_seconds or 0.0),
         )
+        set_matched_stop(response, last)
+        return response
 
     async def Abort(self, msg: pb.AbortRequest, context: Context) -> pb.AbortResponse:
         await self.abort_owned(msg.request_ids, context)

@@ -475,3 +475,33 @@ def test_each_generation_carries_an_orca_load_report(server, stub) -> None:
         assert report.utilization["kv_cache"] == report.application_utilization
         assert report.rps_fractional > 0
     long.cancel()
+
+
+def test_the_last_response_says_which_stop_ended_it(stub) -> None:
+    full = list(stub.GenerateStream(_greedy("where does it stop", 16)))
+    text, ids = "".join(r.text for r in full), [t for r in full for t in r.token_ids]
+    assert full[-1].WhichOneof("matched_stop") is None  # length: nothing matched
+    stop = next(text[i : i + 3] for i in range(2, len(text) - 3) if text.find(text[i : i + 3]) == i)
+    at = text.find(stop)
+
+    def last(**stopping: Any) -> pb.GenerateStreamResponse:
+        msg = _greedy("where does it stop", 16)
+        for key, value in stopping.items():
+            if isinstance(value, list):
+                getattr(msg.stopping, key).extend(value)
+            else:
+                setattr(msg.stopping, key, value)
+        parts = list(stub.GenerateStream(msg))
+        unary = stub.Generate(pb.GenerateRequest(text=msg.text, sampling=msg.sampling, stopping=msg.stopping))
+        assert unary.text == "".join(p.text for p in parts)
+        assert unary.WhichOneof("matched_stop") == parts[-1].WhichOneof("matched_stop")
+        parts[-1].text = unary.text  # the whole text, for the caller
+        return parts[-1]
+
+    cut = last(stop_strings=[stop])
+    assert cut.finish_reason == pb.FINISH_REASON_STOP_STRING and cut.matched_stop_string == stop
+    assert cut.text == text[:at]
+    kept = last(stop_strings=[stop], include_stop_string=True)
+    assert kept.matched_stop_string == stop and kept.text == text[: at + len(stop)]
+    token = last(stop_token_ids=[ids[3]])
+    assert token.finish_reason == pb.FINISH_REASON_STOP_TOKEN and token.matched_token_id == ids[3]

@@ -100,7 +100,8 @@ class EngineCore:
         validate_stopping(request.stopping, self.limits, len(ids))
         validate_output(request.output, self.limits)
         request_id = request.request_id or uuid.uuid4().hex
-        detok = IncrementalDetokenizer(self.tokenizer, request.stopping.stop_strings)
+        stopping = request.stopping
+        detok = IncrementalDetokenizer(self.tokenizer, stopping.stop_strings, stopping.include_stop_string)
         return Sequence(request_id, request, np.asarray(ids, dtype=np.int64), 0, detok, time.monotonic())
 
     def add(self, seq: Sequence) -> None:

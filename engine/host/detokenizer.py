@@ -24,7 +24,8 @@ class Tokenizer(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str] | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str] | None = None, include_stop: bool = False) -> None:
+        self.include_stop = include_stop  # keep the matched stop string at the end of the text
         self._decode = tokenizer.decode
         self.stop_strings = list(stop_strings or [])
         self._holdback = max((len(s) for s in self.stop_strings), default=1) - 1
@@ -71,7 +72,7 @@ class IncrementalDetokenizer:
                 best = (at, stop)
         if best is None:
             return False
-        self.text = self.text[: best[0]]
+        self.text = self.text[: best[0] + (len(best[1]) if self.include_stop else 0)]
         self.stopped_by = best[1]
         return True
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/generation.proto\x12\ttandem.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc2\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12<\n\nlogit_bias\x18\t \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"\xc8\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x0cstop_strings\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x17\n\nignore_eos\x18\x05 \x01(\x08H\x02\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\r\n\x0b_ignore_eos\"7\n\rOutputOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x87\x02\n\x15GenerateStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12-\n\x08stopping\x18\x05 \x01(\x0b\x32\x1b.tandem.v1.StoppingCriteria\x12(\n\x06output\x18\x06 \x01(\x0b\x32\x18.tandem.v1.OutputOptions\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06prompt\"\xd8\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x1a\n\rprompt_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12!\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\t \x01(\x0b\x32\x12.tandem.v1.TimingsB\x10\n\x0e_prompt_tokensB\x17\n\x15_cached_prompt_tokens\"\x81\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12-\n\x08stopping\x18\x05 \x01(\x0b\x32\x1b.tandem.v1.StoppingCriteria\x12(\n\x06output\x18\x06 \x01(\x0b\x32\x18.tandem.v1.OutputOptions\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06prompt\"\xe8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.tandem.v1.Timings\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x0f\n\rAbortResponse\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05*\xb6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x03\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x04\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x05\x32\xb2\x02\n\x11GenerationService\x12W\n\x0eGenerateStream\x12 .tandem.v1.GenerateStreamRequest\x1a!.tandem.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/generation.proto\x12\ttandem.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc2\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12<\n\nlogit_bias\x18\t \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"\xe5\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x0cstop_strings\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x17\n\nignore_eos\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12\x1b\n\x13include_stop_string\x18\x06 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\r\n\x0b_ignore_eos\"7\n\rOutputOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\x87\x02\n\x15GenerateStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12-\n\x08stopping\x18\x05 \x01(\x0b\x32\x1b.tandem.v1.StoppingCriteria\x12(\n\x06output\x18\x06 \x01(\x0b\x32\x18.tandem.v1.OutputOptions\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06prompt\"\xa3\x03\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x1a\n\rprompt_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12!\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\t \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x1d\n\x13matched_stop_string\x18\n \x01(\tH\x00\x12\x1a\n\x10matched_token_id\x18\x0b \x01(\x05H\x00\x42\x0e\n\x0cmatched_stopB\x10\n\x0e_prompt_tokensB\x17\n\x15_cached_prompt_tokens\"\x81\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12-\n\x08stopping\x18\x05 \x01(\x0b\x32\x1b.tandem.v1.StoppingCriteria\x12(\n\x06output\x18\x06 \x01(\x0b\x32\x18.tandem.v1.OutputOptions\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06prompt\"\xb3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x1d\n\x13matched_stop_string\x18\x08 \x01(\tH\x00\x12\x1a\n\x10matched_token_id\x18\t \x01(\x05H\x00\x42\x0e\n\x0cmatched_stop\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x0f\n\rAbortResponse\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05*\xb6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x03\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x04\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x05\x32\xb2\x02\n\x11GenerationService\x12W\n\x0eGenerateStream\x12 .tandem.v1.GenerateStreamRequest\x1a!.tandem.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2361
-  _globals['_FINISHREASON']._serialized_end=2543
+  _globals['_FINISHREASON']._serialized_start=2540
+  _globals['_FINISHREASON']._serialized_end=2722
   _globals['_TOKENIDS']._serialized_start=41
   _globals['_TOKENIDS']._serialized_end=64
   _globals['_SAMPLINGPARAMS']._serialized_start=67
@@ -42,33 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=348
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=396
   _globals['_STOPPINGCRITERIA']._serialized_start=520
-  _globals['_STOPPINGCRITERIA']._serialized_end=720
-  _globals['_OUTPUTOPTIONS']._serialized_start=722
-  _globals['_OUTPUTOPTIONS']._serialized_end=777
-  _globals['_TOPLOGPROB']._serialized_start=779
-  _globals['_TOPLOGPROB']._serialized_end=826
-  _globals['_TOKENLOGPROB']._serialized_start=828
-  _globals['_TOKENLOGPROB']._serialized_end=913
-  _globals['_USAGE']._serialized_start=915
-  _globals['_USAGE']._serialized_end=1002
-  _globals['_TIMINGS']._serialized_start=1004
-  _globals['_TIMINGS']._serialized_end=1096
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1099
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1362
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1365
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1709
-  _globals['_GENERATEREQUEST']._serialized_start=1712
-  _globals['_GENERATEREQUEST']._serialized_end=1969
-  _globals['_GENERATERESPONSE']._serialized_start=1972
-  _globals['_GENERATERESPONSE']._serialized_end=2204
-  _globals['_ABORTREQUEST']._serialized_start=2206
-  _globals['_ABORTREQUEST']._serialized_end=2241
-  _globals['_ABORTRESPONSE']._serialized_start=2243
-  _globals['_ABORTRESPONSE']._serialized_end=2258
-  _globals['_TOKENIZEREQUEST']._serialized_start=2260
-  _globals['_TOKENIZEREQUEST']._serialized_end=2319
-  _globals['_TOKENIZERESPONSE']._serialized_start=2321
-  _globals['_TOKENIZERESPONSE']._serialized_end=2358
-  _globals['_GENERATIONSERVICE']._serialized_start=2546
-  _globals['_GENERATIONSERVICE']._serialized_end=2852
+  _globals['_STOPPINGCRITERIA']._serialized_end=749
+  _globals['_OUTPUTOPTIONS']._serialized_start=751
+  _globals['_OUTPUTOPTIONS']._serialized_end=806
+  _globals['_TOPLOGPROB']._serialized_start=808
+  _globals['_TOPLOGPROB']._serialized_end=855
+  _globals['_TOKENLOGPROB']._serialized_start=857
+  _globals['_TOKENLOGPROB']._serialized_end=942
+  _globals['_USAGE']._serialized_start=944
+  _globals['_USAGE']._serialized_end=1031
+  _globals['_TIMINGS']._serialized_start=1033
+  _globals['_TIMINGS']._serialized_end=1125
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1128
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1391
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1394
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1813
+  _globals['_GENERATEREQUEST']._serialized_start=1816
+  _globals['_GENERATEREQUEST']._serialized_end=2073
+  _globals['_GENERATERESPONSE']._serialized_start=2076
+  _globals['_GENERATERESPONSE']._serialized_end=2383
+  _globals['_ABORTREQUEST']._serialized_start=2385
+  _globals['_ABORTREQUEST']._serialized_end=2420
+  _globals['_ABORTRESPONSE']._serialized_start=2422
+  _globals['_ABORTRESPONSE']._serialized_end=2437
+  _globals['_TOKENIZEREQUEST']._serialized_start=2439
+  _globals['_TOKENIZEREQUEST']._serialized_end=2498
+  _globals['_TOKENIZERESPONSE']._serialized_start=2500
+  _globals['_TOKENIZERESPONSE']._serialized_end=2537
+  _globals['_GENERATIONSERVICE']._serialized_start=2725
+  _globals['_GENERATIONSERVICE']._serialized_end=3031
 # @@protoc_insertion_point(module_scope)
