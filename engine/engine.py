@@ -245,6 +245,24 @@ class Engine:
             self._tokenizers, functools.partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         )
 
+    async def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """`messages` through the model's chat template, ready for the assistant's turn, as
+        token ids (off the caller's event loop). No template: refused, never a guessed format."""
+        if not messages:
+            raise InvalidRequestError("messages", "give at least one message")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("messages", f"the model {self.model.name!r} has no chat template")
+
+        def render() -> list[int]:
+            try:
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - a template's own error, e.g. a role it refuses
+                raise InvalidRequestError("messages", f"the chat template failed: {exc}") from None
+            # The template writes its special tokens itself.
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizers, render)
+
     @property
     def dead(self) -> BaseException | None:
         return self._dead

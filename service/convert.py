@@ -36,12 +36,22 @@ def _opt(msg: Message, name: str, default: T) -> T:
     return getattr(msg, name) if msg.HasField(name) else default
 
 
-def to_request(msg: GenerateMessage) -> GenerationRequest:
-    """A GenerateRequest or GenerateStreamRequest as an engine request (not yet validated)."""
+def chat_messages(msg: GenerateMessage) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in msg.messages.messages]
+
+
+def to_request(msg: GenerateMessage, rendered: list[int] | None = None) -> GenerationRequest:
+    """A GenerateRequest or GenerateStreamRequest as an engine request (not yet validated).
+    A `messages` prompt must come `rendered` (the engine's chat template, as token ids)."""
     kind = msg.WhichOneof("prompt")
     if kind is None:
-        raise InvalidRequestError("prompt", "set either text or token_ids")
-    prompt = msg.text if kind == "text" else list(msg.token_ids.ids)
+        raise InvalidRequestError("prompt", "set text, token_ids or messages")
+    if kind == "messages":
+        if rendered is None:
+            raise InvalidRequestError("messages", "not rendered with the chat template")
+        prompt: str | list[int] = rendered
+    else:
+        prompt = msg.text if kind == "text" else list(msg.token_ids.ids)
     d, s = SamplingParams(), msg.sampling
     sampling = SamplingParams(
         temperature=_opt(s, "temperature", d.temperature),
@@ -115,10 +125,12 @@ def finish_reason(out: RequestOutput) -> pb.FinishReason:
     return FINISH_REASONS[out.finish_reason]
 
 
-def api_field(engine_field: str, request: GenerationRequest) -> str:
-    """The engine's field path at the API's names (the prompt is a oneof there)."""
+def api_field(engine_field: str, kind: str | None) -> str:
+    """The engine's field path at the API's names (the prompt is a oneof there: `kind`)."""
+    if engine_field.startswith("prompt") and kind == "messages":
+        return "messages"
     if engine_field == "prompt":
-        return "text" if isinstance(request.prompt, str) else "token_ids"
+        return kind or "prompt"
     if engine_field == "prompt.token_ids":
         return "token_ids.ids"
     return engine_field

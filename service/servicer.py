@@ -22,6 +22,7 @@ from tandem.service.auth import credential_id
 from tandem.service.convert import (
     GenerateMessage,
     api_field,
+    chat_messages,
     finish_reason,
     logprobs,
     set_matched_stop,
@@ -46,6 +47,11 @@ def _request_id(msg: GenerateMessage, context: Context) -> str:
         if key == "x-request-id" and isinstance(value, str) and value:  # -bin keys alone carry bytes
             return value
     return uuid.uuid4().hex
+
+
+def api_names(msg: GenerateMessage) -> Callable[[str], str]:
+    kind = msg.WhichOneof("prompt")
+    return lambda engine_field: api_field(engine_field, kind)
 
 
 def bad_request_id(request_id: str) -> str | None:
@@ -79,7 +85,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if (await self.slot.get(context)).dead is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine has failed; this server is not serving")
         try:
-            request = to_request(msg)
+            rendered = None
+            if msg.WhichOneof("prompt") == "messages":
+                rendered = await (await self.slot.get(context)).render_chat(chat_messages(msg))
+            request = to_request(msg, rendered)
         except InvalidRequestError as exc:
             await context.abort_with_status(invalid_argument(exc.field, exc.message))
         request.request_id = _request_id(msg, context)
@@ -89,10 +98,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return request
 
     async def outputs(
-        self, request: GenerationRequest, context: Context, field: Callable[[str], str] | None = None
+        self, request: GenerationRequest, context: Context, field: Callable[[str], str]
     ) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs; engine errors become gRPC statuses (a field named by `field`,
-        by default at tandem.v1's names)."""
+        """The engine's outputs; engine errors become gRPC statuses (`field` names an engine
+        field at the protocol's names)."""
         engine = await self.slot.get(context)
         request_id = request.request_id or ""
         # A second request with an id in flight is refused by the engine: it must not take the id over.
@@ -105,8 +114,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except EngineBusyError as exc:
             await context.abort_with_status(resource_exhausted(str(exc), retry_after_s=1.0))
         except InvalidRequestError as exc:
-            name = field(exc.field) if field is not None else api_field(exc.field, request)
-            await context.abort_with_status(invalid_argument(name, exc.message))
+            await context.abort_with_status(invalid_argument(field(exc.field), exc.message))
         except EngineDeadError as exc:
             log.error("engine_failed", request_id=request.request_id, error=str(exc))
             if self.on_engine_failure is not None:
@@ -128,7 +136,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         last_at = received
         tokens, finished, text = 0, False, []
         try:
-            async for out in self.outputs(request, context):
+            async for out in self.outputs(request, context, field=api_names(msg)):
                 now = time.monotonic()
                 response = stream_response(out, first_at is None)
                 if first_at is None:
@@ -215,7 +223,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         request = await self._prepare(msg, context)
         self.received(request, "Generate")
         parts, first_at = [], None
-        async for out in self.outputs(request, context):
+        async for out in self.outputs(request, context, field=api_names(msg)):
             first_at = first_at or time.monotonic()
             parts.append(out)
         last = parts[-1]

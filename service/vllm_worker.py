@@ -265,7 +265,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         lps: list[TokenLogprob] = []
         finished, first_at = False, None
         try:
-            async for out in self.generation.outputs(request, context, field=lambda f: protocol_field(f, request)):
+            async for out in self.generation.outputs(request, context, lambda f: protocol_field(f, request)):
                 first_at = first_at or time.monotonic()
                 tokens += out.token_ids
                 lps += out.logprobs or []

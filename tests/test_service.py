@@ -24,7 +24,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vllm_grpc
 from xds.data.orca.v3.orca_load_report_pb2 import OrcaLoadReport
 
 from helpers import METRICS, make_engine, server_log, start_server
-from tandem.engine import SamplingParams, StoppingCriteria
+from tandem.engine import InvalidRequestError, SamplingParams, StoppingCriteria
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 
@@ -505,3 +505,49 @@ def test_the_last_response_says_which_stop_ended_it(stub) -> None:
     assert kept.matched_stop_string == stop and kept.text == text[: at + len(stop)]
     token = last(stop_token_ids=[ids[3]])
     assert token.finish_reason == pb.FINISH_REASON_STOP_TOKEN and token.matched_token_id == ids[3]
+
+
+def test_chat_messages_are_rendered_with_the_models_template(stub) -> None:
+    from transformers import AutoTokenizer
+
+    from tandem.engine.model.presets import preset_path
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    tokenizer = AutoTokenizer.from_pretrained(preset_path("tiny-llama"))
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(rendered, add_special_tokens=False)
+    stopping = pb.StoppingCriteria(max_new_tokens=6, ignore_eos=True)
+    messages = pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in chat])
+    greedy = pb.SamplingParams(temperature=0)
+    by_chat = list(stub.GenerateStream(pb.GenerateStreamRequest(messages=messages, sampling=greedy, stopping=stopping)))
+    by_ids = list(
+        stub.GenerateStream(
+            pb.GenerateStreamRequest(token_ids=pb.TokenIds(ids=ids), sampling=greedy, stopping=stopping)
+        )
+    )
+    assert by_chat[0].prompt_tokens == len(ids)  # the rendered prompt, counted
+    assert [t for r in by_chat for t in r.token_ids] == [t for r in by_ids for t in r.token_ids]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(messages=pb.ChatMessages(), stopping=stopping))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith("messages:")
+
+
+def test_a_model_without_a_chat_template_refuses_messages(tmp_path: Path) -> None:
+    import shutil
+
+    from tandem.engine.model.presets import preset_path
+
+    model = tmp_path / "no-template"
+    shutil.copytree(preset_path("tiny-llama"), model)
+    (model / "chat_template.jinja").unlink()
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    engine = make_engine(model=str(model))
+    try:
+        with pytest.raises(InvalidRequestError) as err:
+            asyncio.run(engine.render_chat([{"role": "user", "content": "hi"}]))
+        assert err.value.field == "messages" and "no chat template" in err.value.message
+    finally:
+        engine.shutdown()
