@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tandem.engine import Engine, EngineConfig, SamplingParams, StoppingCriteria  # noqa: E402
-from tandem.engine.device.executor import CUDA_SDPA_BACKENDS  # noqa: E402
+from tandem.engine.device.executor import attention_backends  # noqa: E402
 from tandem.engine.model.presets import train_tokenizer  # noqa: E402
 from tandem.schedulers import load_scheduler  # noqa: E402
 
@@ -97,14 +97,6 @@ def run_tandem(path: Path, scheduler: str, batch: int, prompts, new: int, device
     )
 
 
-def sdpa_backends(device: str):
-    from contextlib import nullcontext
-
-    from torch.nn.attention import sdpa_kernel
-
-    return sdpa_kernel(CUDA_SDPA_BACKENDS) if device == "cuda" else nullcontext()
-
-
 def greedy_check(ref: Any, prompts, outputs: list[list[int]], device: str, tol: float) -> dict:
     """Tie-aware, at every position: the float32 reference is fed the engine's own tokens
     (teacher forcing), and a token differing from its argmax counts as wrong only where the
@@ -154,7 +146,7 @@ def run_transformers(path: Path, batch: int, prompts, new: int, device: str, use
         except (ImportError, TypeError) as exc:
             if use_async:
                 raise RuntimeError(f"async batching not configurable in this transformers: {exc}") from exc
-        with sdpa_backends(device):  # the backends tandem uses, so both pay the same attention
+        with attention_backends(device):  # the backends tandem uses, so both pay the same attention
             model.generate_batch(prompts[:2], generation_config=gen, **kwargs)
             start = time.perf_counter()
             out = model.generate_batch(prompts, generation_config=gen, **kwargs)

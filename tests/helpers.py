@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -113,13 +112,6 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[ServerP
     if "metrics" in words:
         METRICS[words[3]] = words[-1]
     return proc, words[3]
-
-
-def free_port() -> int:
-    """A loopback port free now (for tools that cannot be told to pick one, like smg and Envoy)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replica_load(target: str) -> Any:  # tandem.v1 GetLoadResponse

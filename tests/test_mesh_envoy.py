@@ -20,7 +20,8 @@ import grpc
 import pytest
 import yaml
 
-from helpers import BIN, ServerProcess, assert_aborted_and_freed, free_port, start_server
+from helpers import BIN, ServerProcess, assert_aborted_and_freed, start_server
+from tandem.bench.mesh import free_port
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc as pb_grpc
 

@@ -42,6 +42,12 @@ from tandem.engine.device.sampling import SampleOutput, SamplingTensors, build_s
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def attention_backends(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The SDPA backends tandem's attention runs under on `device`."""
+    cuda = torch.device(device).type == "cuda"
+    return sdpa_kernel(CUDA_SDPA_BACKENDS) if cuda else contextlib.nullcontext()
+
+
 @dataclass
 class TokenChoice:
     token_id: int
@@ -171,7 +177,7 @@ class Executor:
         self._computed += 1
         if self._fault is not None:
             self._fault.check(self._computed)
-        with torch.inference_mode(), self._attention_backends():
+        with torch.inference_mode(), attention_backends(self.device):
             prepared = device_step(handle.host, flat, self.kv, prev_tokens, self.fused_decode)
             logits = self.forward(prepared, prepared.sample_rows)
             if handle.sampling is not None:
@@ -179,9 +185,6 @@ class Executor:
                     assert prev_tokens is not None, "penalty histories hold placeholders but no step preceded"
                     handle.sampling.resolve(prev_tokens)
                 handle.output = sample(logits, handle.sampling)
-
-    def _attention_backends(self) -> contextlib.AbstractContextManager:
-        return sdpa_kernel(CUDA_SDPA_BACKENDS) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _execute(self, handle: StepHandle) -> None:
         if self.device.type == "cuda":
