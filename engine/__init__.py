@@ -11,6 +11,8 @@ from tandem.engine.errors import (
 )
 from tandem.engine.request import (
     Completion,
+    Constraint,
+    ConstraintKind,
     FinishReason,
     GenerationRequest,
     OutputOptions,
@@ -22,6 +24,8 @@ from tandem.engine.request import (
 
 __all__ = [
     "Completion",
+    "Constraint",
+    "ConstraintKind",
     "Engine",
     "EngineBusyError",
     "EngineConfig",

@@ -296,7 +296,7 @@ class Engine:
         if self._thread.is_alive():
             log.error("engine_thread_wedged", timeout_seconds=timeout)
             return
-        self.core.executor.close()
+        self.core.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -66,6 +66,27 @@ class OutputOptions:
     top_logprobs: int = 0
 
 
+class ConstraintKind(str, enum.Enum):
+    JSON_SCHEMA = "json_schema"  # value: the schema, as JSON text
+    JSON_OBJECT = "json_object"  # any JSON object; no value
+    REGEX = "regex"  # the whole output matches it
+    GRAMMAR = "grammar"  # a context-free grammar: llguidance's Lark, or GBNF (has `::=`)
+    CHOICE = "choice"  # value: the strings, one of which is the whole output
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Structured output: what the generated text must match, token by token."""
+
+    kind: ConstraintKind
+    value: str | tuple[str, ...] = ""
+
+    @property
+    def field(self) -> str:
+        """Where a fault in it is reported."""
+        return f"constraint.{self.kind.value}"
+
+
 @dataclass
 class GenerationRequest:
     prompt: str | list[int]
@@ -74,6 +95,7 @@ class GenerationRequest:
     output: OutputOptions = field(default_factory=OutputOptions)
     request_id: str | None = None
     priority: int = 0
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +120,7 @@ class RequestLimits:
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
     max_logit_bias: int = 300
+    max_constraint_chars: int = 65536  # a schema, regex or grammar; the choices together
 
 
 @dataclass
@@ -288,3 +311,25 @@ def validate_output(o: OutputOptions, limits: ModelLimits) -> None:
     _int(o.top_logprobs, "output.top_logprobs", 0)
     if o.top_logprobs > limits.max_top_logprobs:
         raise InvalidRequestError("output.top_logprobs", f"must be <= {limits.max_top_logprobs}, got {o.top_logprobs}")
+
+
+def validate_constraint(c: Constraint | None, limits: ModelLimits) -> None:
+    """The shape of a constraint; whether it compiles is the grammar engine's to say."""
+    if c is None:
+        return
+    if not isinstance(c.kind, ConstraintKind):
+        raise InvalidRequestError("constraint", f"unknown kind {c.kind!r}")
+    if c.kind is ConstraintKind.CHOICE:
+        if not isinstance(c.value, tuple) or not c.value or not all(isinstance(v, str) and v for v in c.value):
+            raise InvalidRequestError(c.field, "give at least one choice, each a non-empty string")
+        size = sum(len(v) for v in c.value)
+    elif c.kind is ConstraintKind.JSON_OBJECT:
+        size = 0
+    else:
+        if not isinstance(c.value, str) or not c.value.strip():
+            raise InvalidRequestError(c.field, "must not be empty")
+        size = len(c.value)
+    if size > limits.requests.max_constraint_chars:
+        raise InvalidRequestError(
+            c.field, f"{size} characters, over this server's limit of {limits.requests.max_constraint_chars}"
+        )

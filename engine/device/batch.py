@@ -16,7 +16,7 @@ import torch
 from tandem.engine.device.attention import DecodeGroup, PrefillSpan, StepAttention
 from tandem.engine.device.kv_cache import KVCache
 from tandem.engine.device.placeholders import resolve_placeholders
-from tandem.engine.device.sampling import SampleSpec
+from tandem.engine.device.sampling import GrammarMasks, SampleSpec
 
 # What one more decode attention call costs, in padded key slots, per device type. Grouping
 # rows of similar context length trades padding (gathered, attended-over keys that are masked
@@ -60,6 +60,7 @@ class StepRow:
 @dataclass
 class StepBatch:
     rows: list[StepRow]
+    grammar: GrammarMasks | None = None  # the constrained rows' masks (maybe filled after launch)
 
 
 Span = tuple[int, int]  # (offset, length) of one part of HostBatch.flat

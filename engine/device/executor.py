@@ -166,25 +166,42 @@ class Executor:
         started = time.perf_counter()
         host = build_host_batch(batch, self.block_size, self.group_cost)
         specs = [row.sample for row in batch.rows if row.sample is not None]
-        sampling = build_sampling(specs, self.device, self.rng) if specs else None
+        sampling = build_sampling(specs, self.device, self.rng, batch.grammar) if specs else None
         self.stats.prepare_seconds += time.perf_counter() - started
         self.stats.tokens += host.num_tokens
         return kind(host, sampling, prev)
 
     def _compute(self, handle: StepHandle, flat: torch.Tensor) -> None:
         """Forward and sample, on the current device stream."""
-        prev_tokens = handle.prev.output.tokens if handle.prev is not None and handle.prev.output else None
+        logits = self._forward_step(handle, flat)
+        if handle.sampling is not None:
+            self._sample_step(handle, logits)
+
+    def _forward_step(self, handle: StepHandle, flat: torch.Tensor) -> torch.Tensor:
         self._computed += 1
         if self._fault is not None:
             self._fault.check(self._computed)
         with torch.inference_mode(), attention_backends(self.device):
-            prepared = device_step(handle.host, flat, self.kv, prev_tokens, self.fused_decode)
-            logits = self.forward(prepared, prepared.sample_rows)
-            if handle.sampling is not None:
-                if handle.sampling.has_placeholders:
-                    assert prev_tokens is not None, "penalty histories hold placeholders but no step preceded"
-                    handle.sampling.resolve(prev_tokens)
-                handle.output = sample(logits, handle.sampling)
+            prepared = device_step(handle.host, flat, self.kv, self._prev_tokens(handle), self.fused_decode)
+            return self.forward(prepared, prepared.sample_rows)
+
+    def _sample_step(self, handle: StepHandle, logits: torch.Tensor) -> None:
+        """Sample `handle`'s rows. With grammar masks, waits until the host has filled them."""
+        assert handle.sampling is not None
+        with torch.inference_mode():
+            if handle.sampling.has_placeholders:
+                prev_tokens = self._prev_tokens(handle)
+                assert prev_tokens is not None, "penalty histories hold placeholders but no step preceded"
+                handle.sampling.resolve(prev_tokens)
+            handle.output = sample(logits, handle.sampling)
+
+    @staticmethod
+    def _prev_tokens(handle: StepHandle) -> torch.Tensor | None:
+        return handle.prev.output.tokens if handle.prev is not None and handle.prev.output else None
+
+    def masks_filled(self, handle: StepHandle) -> None:
+        """The host filled `handle`'s grammar masks after its launch (overlap). Executors that
+        run sampling in the background have been waiting on them; the CUDA one enqueues it now."""
 
     def _execute(self, handle: StepHandle) -> None:
         if self.device.type == "cuda":

@@ -32,6 +32,7 @@ class CudaStep(StepHandle):
     done: torch.cuda.Event | None = None  # outputs copied to the host (d2h stream)
     host_out: SampleOutput | None = None
     prev_end: torch.cuda.Event | None = None  # the previous step's end: the idle gap before this one
+    logits: torch.Tensor | None = None  # set while sampling waits for grammar masks (masks_filled)
 
 
 class CudaExecutor(Executor):
@@ -60,11 +61,33 @@ class CudaExecutor(Executor):
             for t in handle.sampling.tensors():
                 t.record_stream(self.compute)
         flat, copied = self._copy_inputs(handle.host.flat)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        handle.start = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.compute):
             self.compute.wait_event(copied)
-            start.record(self.compute)
-            self._compute(handle, flat)
+            handle.start.record(self.compute)
+            logits = self._forward_step(handle, flat)
+        handle.prev_end, self._last_end = self._last_end, None
+        grammar = handle.sampling.grammar if handle.sampling is not None else None
+        if grammar is not None and not grammar.ready.is_set():
+            # NOTE: its masks need the previous step's tokens; the engine fills them (and calls
+            # masks_filled) before it launches the next step, so steps still run in order.
+            handle.logits = logits
+        else:
+            self._launch_tail(handle, logits)
+        return handle
+
+    def masks_filled(self, handle: StepHandle) -> None:
+        assert isinstance(handle, CudaStep)
+        if handle.logits is not None:
+            logits, handle.logits = handle.logits, None
+            self._launch_tail(handle, logits)
+
+    def _launch_tail(self, handle: CudaStep, logits: torch.Tensor) -> None:
+        """Sampling on the compute stream, then the copy of its output to the host."""
+        end = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.compute):
+            if handle.sampling is not None:
+                self._sample_step(handle, logits)
             end.record(self.compute)
         host_out = None
         with torch.cuda.stream(self.d2h):
@@ -73,10 +96,8 @@ class CudaExecutor(Executor):
                 host_out = self._copy_outputs(handle.output)
             done = torch.cuda.Event()
             done.record(self.d2h)
-        handle.start, handle.end, handle.done = start, end, done
-        handle.host_out, handle.prev_end = host_out, self._last_end
+        handle.end, handle.done, handle.host_out = end, done, host_out
         self._last_end = end
-        return handle
 
     def collect(self, handle: StepHandle) -> StepResult:
         assert isinstance(handle, CudaStep) and handle.done and handle.start and handle.end

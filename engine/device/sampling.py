@@ -10,7 +10,8 @@ models, near-ties make that rare but possible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,6 +50,31 @@ class SampleSpec:
 
 
 @dataclass
+class GrammarMasks:
+    """Allowed-token bitmasks of a step's constrained rows (structured output), in host memory.
+
+    The host fills `bits` and calls `done()` once every constrained row's tokens are known:
+    before the launch, or under overlap after the previous step's tokens arrive, while this
+    step's forward pass runs. Sampling waits for it; nothing else does."""
+
+    rows: list[int]  # indices among the step's sampled rows
+    bits: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32; bit j of word w allows token 32w + j
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def done(self) -> None:
+        self.ready.set()
+
+
+def unpack_masks(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, words] int32 bitmasks as [rows, vocab_size] bool (True: allowed)."""
+    if bits.device.type == "cpu":  # numpy's unpackbits: one pass in C
+        unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+        return torch.from_numpy(unpacked.view(np.bool_))
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).view(bits.shape[0], -1)[:, :vocab_size].bool()
+
+
+@dataclass
 class SamplingTensors:
     greedy: torch.Tensor  # [B] bool
     all_greedy: bool
@@ -64,10 +90,13 @@ class SamplingTensors:
     want_logprobs: bool
     num_top: int
     has_placeholders: bool = False  # penalty histories hold tokens of the previous step
+    grammar: GrammarMasks | None = None
+    grammar_rows: torch.Tensor | None = None  # GrammarMasks.rows on the device
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.greedy, self.temperature, self.uniforms]
         for value in (
+            self.grammar_rows,
             self.top_k,
             self.top_p,
             self.min_p,
@@ -98,7 +127,9 @@ def _sparse(rows: list[np.ndarray], cols: list[np.ndarray], device: torch.device
     return r, c
 
 
-def build_sampling(specs: list[SampleSpec], device: torch.device, rng: np.random.Generator) -> SamplingTensors:
+def build_sampling(
+    specs: list[SampleSpec], device: torch.device, rng: np.random.Generator, grammar: GrammarMasks | None = None
+) -> SamplingTensors:
     params = [s.params for s in specs]
     n = len(specs)
     temps = np.array([p.temperature for p in params], dtype=np.float32)
@@ -171,6 +202,8 @@ def build_sampling(specs: list[SampleSpec], device: torch.device, rng: np.random
         want_logprobs=any(s.logprobs or s.top_logprobs for s in specs),
         num_top=max((s.top_logprobs for s in specs), default=0),
         has_placeholders=any(s.output_ids is not None and (s.output_ids < 0).any() for s in specs),
+        grammar=grammar,
+        grammar_rows=torch.tensor(grammar.rows, device=device) if grammar is not None else None,
     )
 
 
@@ -249,10 +282,25 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
+def apply_grammar(logits: torch.Tensor, st: SamplingTensors, in_place: bool) -> torch.Tensor:
+    """Tokens a row's grammar refuses get -inf: it can only emit what the grammar allows."""
+    assert st.grammar is not None and st.grammar_rows is not None
+    st.grammar.ready.wait()
+    # On CUDA the bits are pinned: the copy queues behind the forward pass, the host goes on.
+    allowed = unpack_masks(st.grammar.bits.to(logits.device, non_blocking=True), logits.shape[-1])
+    if not in_place:
+        logits = logits.clone()
+    rows = st.grammar_rows
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
 def sample(raw_logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:
     raw = raw_logits.float()
     in_place = st.bias is not None or st.suppress is not None  # the other processors make new tensors
     logits = apply_processors(raw.clone() if in_place else raw, st)
+    if st.grammar is not None:  # raw's own storage only while logprobs need raw intact
+        logits = apply_grammar(logits, st, in_place=logits is not raw or not st.want_logprobs)
     tokens = greedy(logits)
     if not st.all_greedy:
         tokens = torch.where(st.greedy, tokens, _draw(logits, st))

@@ -14,14 +14,16 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.device.batch import StepBatch, StepRow
 from tandem.engine.device.executor import Executor, StepHandle, TokenChoice
 from tandem.engine.device.placeholders import placeholder
-from tandem.engine.device.sampling import SampleSpec
+from tandem.engine.device.sampling import GrammarMasks, SampleSpec
 from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.detokenizer import IncrementalDetokenizer, Tokenizer
+from tandem.engine.host.grammar import GrammarState, Grammars, allocate_masks, fill_masks
 from tandem.engine.host.kv_accounting import KVAccounting
 from tandem.engine.host.queues import RequestQueues
 from tandem.engine.host.scheduling import Scheduler, StepContext
@@ -32,12 +34,15 @@ from tandem.engine.request import (
     ModelLimits,
     RequestOutput,
     TokenLogprob,
+    validate_constraint,
     validate_output,
     validate_prompt_ids,
     validate_prompt_text,
     validate_sampling,
     validate_stopping,
 )
+
+log = structlog.get_logger("tandem.engine")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class CoreStats:
 
     schedule_seconds: float = 0.0
     output_seconds: float = 0.0
+    mask_seconds: float = 0.0  # filling grammar masks (structured output), on the engine thread
 
 
 @dataclass
@@ -55,6 +61,7 @@ class _Launched:
     handle: StepHandle
     seqs: list[Sequence]  # the step's rows, in order
     sampled: list[tuple[Sequence, int]]  # per sampled row: the sequence and its placeholder's index
+    grammar: tuple[GrammarMasks, list[GrammarState]] | None = None  # masks to fill once tokens are known
 
 
 class EngineCore:
@@ -84,6 +91,7 @@ class EngineCore:
         self.num_steps = 0
         self.last_step: list[tuple[str, int]] = []  # (request id, tokens) of the latest step
         self.stats = CoreStats()
+        self.grammars = Grammars(tokenizer, limits.vocab_size, eos_token_ids)
 
     # -- requests --------------------------------------------------------------------------
     def make_sequence(self, request: GenerationRequest) -> Sequence:
@@ -99,10 +107,14 @@ class EngineCore:
         validate_sampling(request.sampling, self.limits)
         validate_stopping(request.stopping, self.limits, len(ids))
         validate_output(request.output, self.limits)
+        validate_constraint(request.constraint, self.limits)
+        grammar = self.grammars.state(request.constraint) if request.constraint is not None else None
         request_id = request.request_id or uuid.uuid4().hex
         stopping = request.stopping
         detok = IncrementalDetokenizer(self.tokenizer, stopping.stop_strings, stopping.include_stop_string)
-        return Sequence(request_id, request, np.asarray(ids, dtype=np.int64), 0, detok, time.monotonic())
+        seq = Sequence(request_id, request, np.asarray(ids, dtype=np.int64), 0, detok, time.monotonic())
+        seq.grammar = grammar
+        return seq
 
     def add(self, seq: Sequence) -> None:
         self.queues.add(seq)
@@ -151,7 +163,26 @@ class EngineCore:
             done, self._inflight = self._inflight, launched
         else:
             done = launched
-        return self._complete(done) if done is not None else []
+        if done is None:
+            return []
+        try:
+            return self._complete(done)
+        except BaseException:
+            self.release_masks()  # the in-flight step must not wait for masks that will never come
+            raise
+
+    def release_masks(self) -> None:
+        """Let a step launched with unfilled grammar masks finish (its outputs are dropped):
+        on a failure, and before the executor closes."""
+        if self._inflight is not None and self._inflight.grammar is not None:
+            masks, _ = self._inflight.grammar
+            self._inflight.grammar = None
+            masks.done()
+            self.executor.masks_filled(self._inflight.handle)
+
+    def close(self) -> None:
+        self.release_masks()
+        self.executor.close()
 
     def _launch(self) -> _Launched | None:
         started = time.perf_counter()
@@ -170,9 +201,10 @@ class EngineCore:
             return None
         self.num_steps += 1
         rows = [self._row(seq, n) for seq, n in chosen]
+        grammar = self._grammar_masks([seq for (seq, _), row in zip(chosen, rows) if row.sample is not None])
         self.stats.schedule_seconds += time.perf_counter() - started
         prev = self._inflight.handle if self._inflight is not None else None
-        handle = self.executor.launch(StepBatch(rows), prev)
+        handle = self.executor.launch(StepBatch(rows, grammar[0] if grammar else None), prev)
         sampled: list[tuple[Sequence, int]] = []
         for (seq, n), row in zip(chosen, rows):
             seq.num_computed += n
@@ -184,7 +216,27 @@ class EngineCore:
                 # Certainly its last token: nothing more to schedule. It keeps its blocks
                 # until the step completes, so its full blocks still reach the prefix cache.
                 self.queues.drain(seq)
-        return _Launched(handle, [seq for seq, _ in chosen], sampled)
+        return _Launched(handle, [seq for seq, _ in chosen], sampled, grammar if grammar and not grammar[0].ready.is_set() else None)
+
+    def _grammar_masks(self, sampled: list[Sequence]) -> tuple[GrammarMasks, list[GrammarState]] | None:
+        """Masks for the constrained rows among `sampled`. Filled now when every token they
+        depend on is known; under overlap with a step in flight, once it completes."""
+        states = [(i, seq.grammar) for i, seq in enumerate(sampled) if seq.grammar is not None]
+        if not states:
+            return None
+        bits = allocate_masks(len(states), self.limits.vocab_size, pin=self.executor.device.type == "cuda")
+        masks = GrammarMasks([i for i, _ in states], bits)
+        grammar = (masks, [state for _, state in states])
+        if self._inflight is None:
+            self._fill(grammar)
+        return grammar
+
+    def _fill(self, grammar: tuple[GrammarMasks, list[GrammarState]]) -> None:
+        started = time.perf_counter()
+        masks, states = grammar
+        fill_masks(states, masks.bits)
+        masks.done()
+        self.stats.mask_seconds += time.perf_counter() - started
 
     def _complete(self, launched: _Launched) -> list[RequestOutput]:
         result = self.executor.collect(launched.handle)
@@ -194,13 +246,23 @@ class EngineCore:
         ]
         for seq, index, choice in live:
             seq.set_token(index, choice.token_id)
+        refused = {
+            seq.request_id
+            for seq, _, choice in live
+            if seq.grammar is not None and not seq.grammar.consume(choice.token_id)
+        }
+        inflight = self._inflight  # overlap: the next step is running; its masks needed these tokens
+        if inflight is not None and inflight.grammar is not None:
+            grammar, inflight.grammar = inflight.grammar, None
+            self._fill(grammar)
+            self.executor.masks_filled(inflight.handle)
         for seq in launched.seqs:
             if seq.status is not SeqStatus.FINISHED:
                 self.kv.register_full_blocks(seq)
         outputs = []
         for seq, index, choice in live:
             if seq.status is not SeqStatus.FINISHED:  # a stop earlier in this loop can't end it, but be exact
-                outputs.append(self._on_token(seq, choice, index - seq.num_prompt + 1))
+                outputs.append(self._on_token(seq, choice, index - seq.num_prompt + 1, seq.request_id in refused))
         self.stats.output_seconds += time.perf_counter() - started
         return outputs
 
@@ -230,8 +292,9 @@ class EngineCore:
             top_logprobs=req.output.top_logprobs,
         )
 
-    def _on_token(self, seq: Sequence, choice: TokenChoice, count: int) -> RequestOutput:
-        """Stop checks, detokenization and the output for `seq`'s `count`-th token."""
+    def _on_token(self, seq: Sequence, choice: TokenChoice, count: int, refused: bool = False) -> RequestOutput:
+        """Stop checks, detokenization and the output for `seq`'s `count`-th token. `refused`:
+        its grammar refused the token (only where a mask left no token at all)."""
         token = choice.token_id
         if seq.logprobs is not None:
             # The batch computes the largest top-N any row asked for; each gets its own N.
@@ -239,7 +302,12 @@ class EngineCore:
             seq.logprobs.append(TokenLogprob(token, choice.logprob, choice.top[: seq.request.output.top_logprobs]))
         stopping = seq.request.stopping
         reason = None
-        if token in self.eos_token_ids and not stopping.ignore_eos:
+        grammar_ended = seq.grammar is not None and seq.grammar.ended
+        if refused:
+            assert seq.grammar is not None
+            log.warning("grammar_refused_token", request_id=seq.request_id, token=token, error=seq.grammar.error)
+            return self._finish(seq, FinishReason.ABORTED, [])
+        if token in self.eos_token_ids and (not stopping.ignore_eos or grammar_ended):
             reason = FinishReason.EOS
         elif token in stopping.stop_token_ids:
             reason = FinishReason.STOP_TOKEN

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from tandem.engine.host.detokenizer import IncrementalDetokenizer
+from tandem.engine.host.grammar import GrammarState
 from tandem.engine.request import FinishReason, GenerationRequest, TokenLogprob
 
 
@@ -53,6 +54,7 @@ class Sequence:
             [] if request.output.logprobs or request.output.top_logprobs else None
         )
         self.num_preemptions = 0
+        self.grammar: GrammarState | None = None  # structured output: consumed every output token so far
 
     @property
     def tokens(self) -> np.ndarray:
