@@ -29,6 +29,7 @@ from tandem.engine.host.threads import on_fresh_thread
 from tandem.engine.model.loader import LoadedModel, load_model
 from tandem.engine.request import (
     Completion,
+    Constraint,
     GenerationRequest,
     ModelLimits,
     OutputOptions,
@@ -193,6 +194,7 @@ class Engine:
         stopping: StoppingCriteria | Seq[StoppingCriteria] | None = None,
         output: OutputOptions | None = None,
         on_finish: Callable[[], None] | None = None,
+        constraint: Constraint | Seq[Constraint | None] | None = None,
     ) -> list[Completion]:
         """Run every prompt to completion, batched together; results in prompt order.
         `on_finish` is called (on the engine thread) as each request finishes."""
@@ -202,6 +204,7 @@ class Engine:
                 sampling=_nth(sampling, i, SamplingParams),
                 stopping=_nth(stopping, i, StoppingCriteria),
                 output=output or OutputOptions(),
+                constraint=constraint[i] if isinstance(constraint, (list, tuple)) else constraint,
             )
             for i, p in enumerate(prompts)
         ]

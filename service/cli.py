@@ -10,7 +10,14 @@ from pathlib import Path
 
 import tandem
 from tandem.engine.config import EngineConfig
-from tandem.engine.request import GenerationRequest, RequestLimits, SamplingParams, StoppingCriteria
+from tandem.engine.request import (
+    Constraint,
+    ConstraintKind,
+    GenerationRequest,
+    RequestLimits,
+    SamplingParams,
+    StoppingCriteria,
+)
 from tandem.schedulers import Scheduler, load_scheduler, parse_options
 from tandem.service.flags import HelpFormatter, field_flag, from_flags
 from tandem.service.logs import configure_logging
@@ -72,6 +79,12 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     field_flag(p, S, "seed", type=int, help="seed this request's draws (default: the engine's generator)")
     field_flag(p, T, "stop_strings", "--stop", action="append", help="stop string (repeatable)")
     field_flag(p, T, "ignore_eos", action="store_true", help="generate past the EOS token")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="structured output: JSON valid under this schema")
+    shape.add_argument("--json-object", action="store_true", help="structured output: any JSON object")
+    shape.add_argument("--regex", help="structured output: text that fully matches this regex")
+    shape.add_argument("--grammar", metavar="FILE", help="structured output: a Lark or GBNF grammar")
+    shape.add_argument("--choice", action="append", help="structured output: one of these strings (repeatable)")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
     p.add_argument("--target", default=None, metavar="HOST:PORT", help="stream from a running tandem server")
     p.add_argument("--tls-ca", default=None, help="with --target: connect over TLS, trusting this PEM CA bundle")
@@ -80,8 +93,23 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth-token-file", default=None, help="with --target: send the first token in this file")
 
 
+def _constraint(args: argparse.Namespace) -> Constraint | None:
+    if args.json_schema:
+        return Constraint(ConstraintKind.JSON_SCHEMA, Path(args.json_schema).read_text())
+    if args.json_object:
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    if args.regex:
+        return Constraint(ConstraintKind.REGEX, args.regex)
+    if args.grammar:
+        return Constraint(ConstraintKind.GRAMMAR, Path(args.grammar).read_text())
+    if args.choice:
+        return Constraint(ConstraintKind.CHOICE, tuple(args.choice))
+    return None
+
+
 def _request(args: argparse.Namespace) -> GenerationRequest:
-    return GenerationRequest(args.prompt, from_flags(SamplingParams, args), from_flags(StoppingCriteria, args))
+    sampling, stopping = from_flags(SamplingParams, args), from_flags(StoppingCriteria, args)
+    return GenerationRequest(args.prompt, sampling, stopping, constraint=_constraint(args))
 
 
 def _channel(args: argparse.Namespace):  # -> grpc.Channel

@@ -7,6 +7,8 @@ from typing import TypeVar
 from google.protobuf.message import Message
 
 from tandem.engine import (
+    Constraint,
+    ConstraintKind,
     FinishReason,
     GenerationRequest,
     InvalidRequestError,
@@ -74,7 +76,27 @@ def to_request(msg: GenerateMessage, rendered: list[int] | None = None) -> Gener
         include_stop_string=t.include_stop_string,
     )
     output = OutputOptions(logprobs=msg.output.logprobs, top_logprobs=msg.output.top_logprobs)
-    return GenerationRequest(prompt, sampling, stopping, output, msg.request_id or None, msg.priority)
+    constraint = to_constraint(msg.constraint) if msg.HasField("constraint") else None
+    return GenerationRequest(prompt, sampling, stopping, output, msg.request_id or None, msg.priority, constraint)
+
+
+def to_constraint(c: pb.Constraint) -> Constraint:
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequestError("constraint", "set json_schema, json_object, regex, grammar or choice")
+    if kind == "json_object" and not c.json_object:
+        raise InvalidRequestError("constraint.json_object", "must be true when set")
+    if kind == "choice":
+        return Constraint(ConstraintKind.CHOICE, tuple(c.choice.choices))
+    return Constraint(ConstraintKind(kind), "" if kind == "json_object" else getattr(c, kind))
+
+
+def from_constraint(c: Constraint) -> pb.Constraint:
+    if c.kind is ConstraintKind.CHOICE:
+        return pb.Constraint(choice=pb.Choices(choices=list(c.value)))
+    if c.kind is ConstraintKind.JSON_OBJECT:
+        return pb.Constraint(json_object=True)
+    return pb.Constraint(**{c.kind.value: c.value})
 
 
 def to_message(request: GenerationRequest) -> pb.GenerateStreamRequest:
@@ -103,6 +125,7 @@ def to_message(request: GenerationRequest) -> pb.GenerateStreamRequest:
         ),
         output=pb.OutputOptions(logprobs=o.logprobs, top_logprobs=o.top_logprobs),
         priority=request.priority,
+        constraint=from_constraint(request.constraint) if request.constraint is not None else None,
     )
     if isinstance(request.prompt, str):
         msg.text = request.prompt

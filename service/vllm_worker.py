@@ -25,6 +25,8 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc as pb_grpc
 
 import tandem
 from tandem.engine import (
+    Constraint,
+    ConstraintKind,
     FinishReason,
     GenerationRequest,
     InvalidRequestError,
@@ -97,8 +99,8 @@ def _check_supported(msg: pb.GenerateRequest) -> None:
     if msg.HasField("data_parallel_rank") and msg.data_parallel_rank != 0:
         raise InvalidRequestError("data_parallel_rank", "this worker has one rank, 0")
     s = msg.sampling_params
-    if (constraint := s.WhichOneof("constraint")) is not None:
-        raise InvalidRequestError(f"sampling_params.{constraint}", "structured output is not supported yet")
+    if s.WhichOneof("constraint") == "structural_tag":
+        raise InvalidRequestError("sampling_params.structural_tag", "structural tags are not supported")
     if s.n > 1:
         raise InvalidRequestError("sampling_params.n", f"{s.n} samples per request are not supported yet (n=1)")
     if s.HasField("prompt_logprobs"):
@@ -161,10 +163,22 @@ def to_request(msg: pb.GenerateRequest, limits: ModelLimits) -> GenerationReques
         stop_token_ids=list(s.stop_token_ids),
         stop_strings=list(s.stop),
         ignore_eos=s.ignore_eos,
+        include_stop_string=s.include_stop_str_in_output,
     )
     wants_logprobs = s.HasField("logprobs")
     output = OutputOptions(logprobs=wants_logprobs, top_logprobs=s.logprobs if wants_logprobs else 0)
-    return GenerationRequest(prompt, sampling, stopping, output, msg.request_id or None)
+    return GenerationRequest(prompt, sampling, stopping, output, msg.request_id or None, constraint=_constraint(s))
+
+
+def _constraint(s: pb.SamplingParams) -> Constraint | None:
+    kind = s.WhichOneof("constraint")
+    if kind is None:
+        return None
+    if kind == "choice":
+        return Constraint(ConstraintKind.CHOICE, tuple(s.choice.choices))
+    if kind == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT) if s.json_object else None
+    return Constraint(ConstraintKind(kind), getattr(s, kind))
 
 
 def output_logprobs(items: list[TokenLogprob] | None, top: bool) -> pb.OutputLogProbs | None:

@@ -551,3 +551,65 @@ def test_a_model_without_a_chat_template_refuses_messages(tmp_path: Path) -> Non
         assert err.value.field == "messages" and "no chat template" in err.value.message
     finally:
         engine.shutdown()
+
+
+def test_constraints_through_tandem_v1(stub) -> None:
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    request = pb.GenerateStreamRequest(
+        text="give json",
+        sampling=pb.SamplingParams(temperature=1.0, seed=5),
+        stopping=pb.StoppingCriteria(max_new_tokens=64),
+        constraint=pb.Constraint(json_schema=json.dumps(schema)),
+    )
+    parts = list(stub.GenerateStream(request))
+    assert parts[-1].finish_reason == pb.FINISH_REASON_EOS
+    jsonschema.validate(json.loads("".join(p.text for p in parts)), schema)
+    choices = ["alpha", "beta", "gamma delta"]
+    for seed in range(3):
+        reply = stub.Generate(
+            pb.GenerateRequest(
+                text="pick one",
+                sampling=pb.SamplingParams(temperature=1.0, seed=seed),
+                constraint=pb.Constraint(choice=pb.Choices(choices=choices)),
+            )
+        )
+        assert reply.text in choices and reply.finish_reason == pb.FINISH_REASON_EOS
+
+
+def test_fuzzed_constraints_are_refused_by_field_and_the_server_stays_healthy(stub, server) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    kinds = st.sampled_from(["json_schema", "regex", "grammar"])
+    texts = st.one_of(
+        st.text(max_size=30),
+        st.sampled_from(['{"type": "object", "properties": ', "[a-", "(?<=x)y", "start: foo", "root ::= (", "{}"]),
+        st.builds(json.dumps, st.recursive(st.none() | st.booleans() | st.text(max_size=5), st.lists, max_leaves=4)),
+    )
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(kind=kinds, text=texts)
+    def check(kind: str, text: str) -> None:
+        request = pb.GenerateRequest(
+            text="x", stopping=pb.StoppingCriteria(max_new_tokens=3), constraint=pb.Constraint(**{kind: text})
+        )
+        try:
+            stub.Generate(request, timeout=60)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+            bad = error_details_pb2.BadRequest()
+            assert rpc_status.from_call(err).details[0].Unpack(bad)
+            assert bad.field_violations[0].field == f"constraint.{kind}", err.details()
+
+    check()
+    with grpc.insecure_channel(server) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert stub.Generate(pb.GenerateRequest(text="still serving", stopping=pb.StoppingCriteria(max_new_tokens=2)))

@@ -23,7 +23,7 @@ from tandem.engine.device.placeholders import placeholder
 from tandem.engine.device.sampling import GrammarMasks, SampleSpec
 from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.detokenizer import IncrementalDetokenizer, Tokenizer
-from tandem.engine.host.grammar import GrammarState, Grammars, allocate_masks, fill_masks
+from tandem.engine.host.grammar import Grammars, GrammarState, allocate_masks, fill_masks
 from tandem.engine.host.kv_accounting import KVAccounting
 from tandem.engine.host.queues import RequestQueues
 from tandem.engine.host.scheduling import Scheduler, StepContext
@@ -216,7 +216,9 @@ class EngineCore:
                 # Certainly its last token: nothing more to schedule. It keeps its blocks
                 # until the step completes, so its full blocks still reach the prefix cache.
                 self.queues.drain(seq)
-        return _Launched(handle, [seq for seq, _ in chosen], sampled, grammar if grammar and not grammar[0].ready.is_set() else None)
+        return _Launched(
+            handle, [seq for seq, _ in chosen], sampled, grammar if grammar and not grammar[0].ready.is_set() else None
+        )
 
     def _grammar_masks(self, sampled: list[Sequence]) -> tuple[GrammarMasks, list[GrammarState]] | None:
         """Masks for the constrained rows among `sampled`. Filled now when every token they

@@ -93,7 +93,9 @@ class Grammars:
         with self._lock:
             if self._tokenizer is None:
                 try:
-                    self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size, eos_token=self._eos)
+                    self._tokenizer = llguidance.hf.from_tokenizer(
+                        self._hf, n_vocab=self.vocab_size, eos_token=self._eos
+                    )
                 except Exception as exc:  # noqa: BLE001 - e.g. a slow (Python) tokenizer
                     raise InvalidRequestError(field, f"this model's tokenizer cannot be constrained: {exc}") from None
             return self._tokenizer
