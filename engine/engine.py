@@ -150,6 +150,7 @@ class Engine:
         self.scheduler_options = {k: str(v) for k, v in scheduler.loaded_with.items()}
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
+        self._open: dict[str, int] = {}
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (time, output tokens) per step
@@ -179,6 +180,7 @@ class Engine:
             if seq.request_id in self._sinks:
                 raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
             self._sinks[seq.request_id] = sink
+            self._open[seq.request_id] = seq.request.n  # samples not yet finished
             self._queued += 1
         self._commands.put(("add", seq))
         return seq.request_id
@@ -215,10 +217,11 @@ class Engine:
         return [c.result() for c in collectors]
 
     async def stream(self, request: GenerationRequest, max_waiting: int | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as they come; leaving early aborts the request.
+        """Yield the request's outputs as they come, until all its `n` samples finish (each
+        output says which sample: `index`); leaving early aborts the request.
 
         The engine never waits for a slow consumer: outputs it has not taken yet are merged
-        into one (tokens, text and logprobs concatenated), so nothing queues up per token.
+        into one per sample (tokens, text and logprobs concatenated), so nothing queues up per token.
         """
         loop = asyncio.get_running_loop()
         pending = _Coalescer()
@@ -228,17 +231,17 @@ class Engine:
 
         seq = await loop.run_in_executor(self._tokenizers, self.core.make_sequence, request)
         request_id = self._submit(seq, sink, max_waiting)
-        done = False
+        left = request.n
         try:
-            while not done:
-                out = await pending.take()
-                if isinstance(out, BaseException):
-                    done = True
-                    raise out
-                done = out.finished
-                yield out
+            while left:
+                for out in await pending.take():
+                    if isinstance(out, BaseException):
+                        left = 0
+                        raise out
+                    left -= out.finished
+                    yield out
         finally:
-            if not done:
+            if left:
                 self.abort(request_id)
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -404,14 +407,17 @@ class Engine:
                 raise
             return 1
         assert isinstance(arg, str)
-        out = self.core.abort(arg)
-        if out is not None:
+        for out in self.core.abort(arg):
             self._deliver(out)
         return 0
 
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:
-            sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
+            sink = self._sinks.get(out.request_id)
+            if out.finished and sink is not None:
+                self._open[out.request_id] -= 1
+                if not self._open[out.request_id]:  # its last sample
+                    del self._sinks[out.request_id], self._open[out.request_id]
         if sink is None:
             return
         try:
@@ -421,6 +427,7 @@ class Engine:
             if not out.finished:
                 with self._lock:
                     self._sinks.pop(out.request_id, None)
+                    self._open.pop(out.request_id, None)
                 self.core.abort(out.request_id)
                 self._publish(0)  # the engine may go idle next: the snapshot must show the freed blocks
 
@@ -432,6 +439,7 @@ class Engine:
                 return
             self._dead = exc
             sinks, self._sinks = self._sinks, {}
+            self._open = {}
         error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine step failed: {exc!r}")
         for sink in sinks.values():
             try:
@@ -449,16 +457,18 @@ def _nth(value, i: int, default_factory):
 
 
 class _Coalescer:
-    """One request's undelivered output, merged; lives on the consumer's event loop."""
+    """One request's undelivered outputs, merged per sample; lives on the consumer's event loop."""
 
     def __init__(self) -> None:
-        self._out: RequestOutput | BaseException | None = None
+        self._out: dict[int, RequestOutput] = {}  # by sample index, in arrival order
+        self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
     def put(self, out: RequestOutput | BaseException) -> None:
-        prev = self._out
-        if prev is None or isinstance(out, BaseException) or isinstance(prev, BaseException):
-            self._out = out if not isinstance(prev, BaseException) else prev
+        if isinstance(out, BaseException):
+            self._error = self._error or out
+        elif (prev := self._out.get(out.index)) is None:
+            self._out[out.index] = out
         else:
             prev.token_ids = prev.token_ids + out.token_ids
             prev.text += out.text
@@ -467,12 +477,16 @@ class _Coalescer:
             prev.finished, prev.finish_reason, prev.stop = out.finished, out.finish_reason, out.stop
         self._ready.set()
 
-    async def take(self) -> RequestOutput | BaseException:
+    async def take(self) -> list[RequestOutput | BaseException]:
+        """What arrived since the last take: the samples' merged outputs, then an error if any."""
         await self._ready.wait()
         self._ready.clear()
-        out, self._out = self._out, None
-        assert out is not None, "the event is set only with an output waiting"
-        return out
+        outs: list[RequestOutput | BaseException] = list(self._out.values())
+        self._out = {}
+        if self._error is not None:
+            outs.append(self._error)
+        assert outs, "the event is set only with an output waiting"
+        return outs
 
 
 class _Collector:

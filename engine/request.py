@@ -96,6 +96,7 @@ class GenerationRequest:
     request_id: str | None = None
     priority: int = 0
     constraint: Constraint | None = None
+    n: int = 1  # samples of this prompt: prefilled once, sample i seeded with seed + i
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class RequestLimits:
     max_stop_token_ids: int = 64
     max_logit_bias: int = 300
     max_constraint_chars: int = 65536  # a schema, regex or grammar; the choices together
+    max_n: int = 16  # samples per request
 
 
 @dataclass
@@ -144,6 +146,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     queue_seconds: float | None = None  # from receipt to first admission, once admitted
     stop: str | int | None = None  # on finish: the stop string or stop/EOS token id that ended it
+    index: int = 0  # which of the request's n samples this is (`finished`: this sample finished)
 
 
 @dataclass
@@ -333,3 +336,12 @@ def validate_constraint(c: Constraint | None, limits: ModelLimits) -> None:
         raise InvalidRequestError(
             c.field, f"{size} characters, over this server's limit of {limits.requests.max_constraint_chars}"
         )
+
+
+def validate_n(request: GenerationRequest, limits: ModelLimits) -> None:
+    _int(request.n, "n", 1)
+    if request.n > limits.requests.max_n:
+        raise InvalidRequestError("n", f"{request.n} samples, over this server's limit of {limits.requests.max_n}")
+    seed = request.sampling.seed
+    if seed is not None and seed + request.n - 1 >= 2**64:
+        raise InvalidRequestError("sampling.seed", f"sample i is seeded with seed + i: must be < 2**64 - {request.n - 1}")

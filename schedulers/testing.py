@@ -27,7 +27,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.engine import build_core
 from tandem.engine.host.core import EngineCore
 from tandem.engine.host.scheduling import Scheduler
-from tandem.engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingCriteria
+from tandem.engine.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams, StoppingCriteria
 
 TIGHT = dict(block_size=4, kv_blocks=12, max_batch_tokens=24, max_num_seqs=6)
 ROOMY = dict(block_size=4, kv_blocks=64, max_batch_tokens=64, max_num_seqs=8)
@@ -82,14 +82,13 @@ def run_workload(
                 aborts[a.request.request_id] = step + a.abort_after
         for rid in [r for r, at in aborts.items() if at <= step]:
             del aborts[rid]
-            out = core.abort(rid)
-            if out is not None:
-                done[rid] = (tokens.get(rid, []), out.finish_reason)
+            for out in core.abort(rid):
+                done[_key(out)] = (tokens.get(_key(out), []), out.finish_reason)
         had_work = core.has_work()
         for out in core.step():
-            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            tokens.setdefault(_key(out), []).extend(out.token_ids)
             if out.finished:
-                done[out.request_id] = (tokens[out.request_id], out.finish_reason)
+                done[_key(out)] = (tokens[_key(out)], out.finish_reason)
         scheduled = core.last_step
         if sum(n for _, n in scheduled) > core.config.max_batch_tokens:
             raise ConformanceError(f"{name}: step {step} exceeded the token budget: {scheduled}")
@@ -110,11 +109,16 @@ def run_workload(
     return done
 
 
+def _key(out: RequestOutput) -> str:
+    """A sample's name in a workload's results: the request id, then `#i` for samples i > 0."""
+    return out.request_id if out.index == 0 else f"{out.request_id}#{out.index}"
+
+
 def _reset(core: EngineCore) -> None:
     """End whatever a failed workload left behind and empty the prefix cache, so every
     example starts from the same state (hypothesis replays failures to shrink them)."""
     for seq in list(core.waiting) + list(core.running):
-        core.abort(seq.request_id)
+        core.abort(seq.parent_id)
     core.blocks.clear_cache()
 
 

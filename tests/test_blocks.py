@@ -105,8 +105,7 @@ def test_random_workloads_with_aborts_leak_nothing(tight_core, workload, seed) -
             pending.remove((arrive, req))
         for rid, at in list(aborts.items()):
             if at <= step:
-                out = core.abort(rid)
-                if out is not None:
+                for out in core.abort(rid):
                     finished[rid] = out
                 del aborts[rid]
         for out in core.step():

@@ -8,7 +8,7 @@ Rows may hold placeholder tokens (engine.device.placeholders), resolved on the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,12 +55,14 @@ class StepRow:
     start: int  # position of token_ids[0]; tokens before it are already in the cache
     block_table: list[int]  # covers positions [0, start + len(token_ids))
     sample: SampleSpec | None = None  # None for a prefill chunk that does not reach the end
+    forks: list[SampleSpec] = field(default_factory=list)  # more samples of the same logits (n > 1)
 
 
 @dataclass
 class StepBatch:
     rows: list[StepRow]
     grammar: GrammarMasks | None = None  # the constrained rows' masks (maybe filled after launch)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) KV blocks, after the forward
 
 
 Span = tuple[int, int]  # (offset, length) of one part of HostBatch.flat
@@ -78,6 +80,8 @@ class Sections:
     decode_slots: Span
     prefill_slots: Span
     sample_rows: Span
+    copy_src: Span
+    copy_dst: Span
 
 
 @dataclass
@@ -96,7 +100,9 @@ class PreparedStep:
     input_ids: torch.Tensor  # [1, T]
     positions: torch.Tensor  # [1, T]
     attention: StepAttention
-    sample_rows: torch.Tensor  # flattened index of the last token of each sampling row
+    sample_rows: torch.Tensor  # flattened index of the last token of each sampling row (once per sample)
+    copy_src: torch.Tensor  # KV slots copied to copy_dst once the forward has written them
+    copy_dst: torch.Tensor
 
 
 def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAULT_GROUP_COST) -> HostBatch:
@@ -134,7 +140,12 @@ def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAUL
         prefills.append((int(cu[p]), int(cu[p + 1]), int(starts[p]), int(ends[p])))
 
     ids = np.concatenate([r.token_ids for r in rows])
-    sample_rows = np.array([cu[i + 1] - 1 for i, r in enumerate(rows) if r.sample is not None], dtype=np.int64)
+    sample_rows = np.array(
+        [cu[i + 1] - 1 for i, r in enumerate(rows) if r.sample is not None for _ in range(1 + len(r.forks))],
+        dtype=np.int64,
+    )
+    copies = np.array(batch.copies, dtype=np.int64).reshape(-1, 2)
+    in_block = np.arange(bs)
     parts = dict(
         input_ids=ids,
         positions=positions,
@@ -144,6 +155,8 @@ def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAUL
         decode_slots=np.concatenate(decode_slots) if decode_slots else np.zeros(0, np.int64),
         prefill_slots=np.concatenate(prefill_slots) if prefill_slots else np.zeros(0, np.int64),
         sample_rows=sample_rows,
+        copy_src=(copies[:, :1] * bs + in_block).ravel(),
+        copy_dst=(copies[:, 1:] * bs + in_block).ravel(),
     )
     spans, offset = {}, 0
     for name, part in parts.items():
@@ -203,5 +216,10 @@ def device_step(
         fused_decode=fused_decode,
     )
     return PreparedStep(
-        ids[None], section(host.sections.positions)[None], attention, section(host.sections.sample_rows)
+        ids[None],
+        section(host.sections.positions)[None],
+        attention,
+        section(host.sections.sample_rows),
+        section(host.sections.copy_src),
+        section(host.sections.copy_dst),
     )

@@ -165,7 +165,7 @@ class Executor:
     def _prepare(self, batch: StepBatch, prev: StepHandle | None, kind: type[H]) -> H:
         started = time.perf_counter()
         host = build_host_batch(batch, self.block_size, self.group_cost)
-        specs = [row.sample for row in batch.rows if row.sample is not None]
+        specs = [spec for row in batch.rows if row.sample is not None for spec in (row.sample, *row.forks)]
         sampling = build_sampling(specs, self.device, self.rng, batch.grammar) if specs else None
         self.stats.prepare_seconds += time.perf_counter() - started
         self.stats.tokens += host.num_tokens
@@ -183,7 +183,10 @@ class Executor:
             self._fault.check(self._computed)
         with torch.inference_mode(), attention_backends(self.device):
             prepared = device_step(handle.host, flat, self.kv, self._prev_tokens(handle), self.fused_decode)
-            return self.forward(prepared, prepared.sample_rows)
+            logits = self.forward(prepared, prepared.sample_rows)
+            if prepared.copy_src.numel():  # samples forking off a prompt this step wrote
+                self.kv.copy_slots(prepared.copy_src, prepared.copy_dst)
+            return logits
 
     def _sample_step(self, handle: StepHandle, logits: torch.Tensor) -> None:
         """Sample `handle`'s rows. With grammar masks, waits until the host has filled them."""

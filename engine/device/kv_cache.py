@@ -75,6 +75,11 @@ class KVCache:
         shape = (*slots.shape, *k.shape[1:])
         return k.view(shape), v.view(shape)
 
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """K/V at `src` slots into `dst` slots, every layer (copy-on-write of shared blocks)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.layout.block_size

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import structlog
@@ -27,7 +27,7 @@ from tandem.engine.host.grammar import Grammars, GrammarState, allocate_masks, f
 from tandem.engine.host.kv_accounting import KVAccounting
 from tandem.engine.host.queues import RequestQueues
 from tandem.engine.host.scheduling import Scheduler, StepContext
-from tandem.engine.host.sequence import SeqStatus, Sequence
+from tandem.engine.host.sequence import SeqStatus, Sequence, sample_key
 from tandem.engine.request import (
     FinishReason,
     GenerationRequest,
@@ -35,6 +35,7 @@ from tandem.engine.request import (
     RequestOutput,
     TokenLogprob,
     validate_constraint,
+    validate_n,
     validate_output,
     validate_prompt_ids,
     validate_prompt_text,
@@ -108,23 +109,44 @@ class EngineCore:
         validate_stopping(request.stopping, self.limits, len(ids))
         validate_output(request.output, self.limits)
         validate_constraint(request.constraint, self.limits)
-        grammar = self.grammars.state(request.constraint) if request.constraint is not None else None
+        validate_n(request, self.limits)
         request_id = request.request_id or uuid.uuid4().hex
+        prompt_ids = np.asarray(ids, dtype=np.int64)
+        arrival = time.monotonic()
+        samples = [self._sample(request, request_id, i, prompt_ids, arrival) for i in range(request.n)]
+        samples[0].followers = samples[1:]
+        return samples[0]
+
+    def _sample(
+        self, request: GenerationRequest, request_id: str, index: int, prompt_ids: np.ndarray, arrival: float
+    ) -> Sequence:
+        """Sample `index` of a request; sample i draws with seed + i (each independent)."""
+        if index and request.sampling.seed is not None:
+            request = replace(request, sampling=replace(request.sampling, seed=request.sampling.seed + index))
         stopping = request.stopping
         detok = IncrementalDetokenizer(self.tokenizer, stopping.stop_strings, stopping.include_stop_string)
-        seq = Sequence(request_id, request, np.asarray(ids, dtype=np.int64), 0, detok, time.monotonic())
-        seq.grammar = grammar
+        seq = Sequence(sample_key(request_id, index), request, prompt_ids, 0, detok, arrival)
+        seq.parent_id, seq.index = request_id, index
+        if request.constraint is not None:
+            seq.grammar = self.grammars.state(request.constraint)
         return seq
 
     def add(self, seq: Sequence) -> None:
         self.queues.add(seq)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Finish a request as aborted; None if it is unknown or already finished."""
-        seq = self.queues.lookup(request_id)
-        if seq is None:
-            return None
-        return self._finish(seq, FinishReason.ABORTED, [])
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Finish every sample of a request still running as aborted (none: unknown or finished)."""
+        outputs = []
+        for index in range(self.limits.requests.max_n):
+            seq = self.queues.lookup(sample_key(request_id, index))
+            if seq is None:
+                continue
+            for follower in seq.followers:  # not yet forked: no blocks, no queue
+                follower.status = SeqStatus.FINISHED
+                outputs.append(self._finished_output(follower, FinishReason.ABORTED, []))
+            seq.followers = []
+            outputs.append(self._finish(seq, FinishReason.ABORTED, []))
+        return outputs
 
     def has_work(self) -> bool:
         return bool(self.queues.waiting or self.queues.running or self._inflight is not None)
@@ -201,24 +223,55 @@ class EngineCore:
             return None
         self.num_steps += 1
         rows = [self._row(seq, n) for seq, n in chosen]
-        grammar = self._grammar_masks([seq for (seq, _), row in zip(chosen, rows) if row.sample is not None])
+        copies: list[tuple[int, int]] = []
+        samplers = [  # per sampled row: the sequence, then the samples that fork off it this step
+            [seq, *self._fork(seq, row, copies)] for (seq, _), row in zip(chosen, rows) if row.sample is not None
+        ]
+        grammar = self._grammar_masks([seq for group in samplers for seq in group])
         self.stats.schedule_seconds += time.perf_counter() - started
         prev = self._inflight.handle if self._inflight is not None else None
-        handle = self.executor.launch(StepBatch(rows, grammar[0] if grammar else None), prev)
-        sampled: list[tuple[Sequence, int]] = []
-        for (seq, n), row in zip(chosen, rows):
+        handle = self.executor.launch(StepBatch(rows, grammar[0] if grammar else None, copies), prev)
+        for seq, n in chosen:
             seq.num_computed += n
-            if row.sample is None:
-                continue
+        sampled: list[tuple[Sequence, int]] = []
+        for seq in (seq for group in samplers for seq in group):
             seq.append(placeholder(len(sampled)))
             sampled.append((seq, seq.num_tokens - 1))
             if seq.num_output >= seq.request.stopping.max_new_tokens:
                 # Certainly its last token: nothing more to schedule. It keeps its blocks
                 # until the step completes, so its full blocks still reach the prefix cache.
                 self.queues.drain(seq)
+        seqs = [seq for seq, _ in chosen] + [seq for group in samplers for seq in group[1:]]
         return _Launched(
-            handle, [seq for seq, _ in chosen], sampled, grammar if grammar and not grammar[0].ready.is_set() else None
+            handle, seqs, sampled, grammar if grammar and not grammar[0].ready.is_set() else None
         )
+
+    def _fork(self, seq: Sequence, row: StepRow, copies: list[tuple[int, int]]) -> list[Sequence]:
+        """The other samples of `seq`'s request, as this step completes its prompt: they share
+        its full prompt blocks (reference counts) and get a copy of the partial last one (copied
+        on the device after the forward writes it); their first tokens are drawn from the same
+        logits. Without a free block each, they go their own way instead (prefix-cache hits)."""
+        if not seq.followers:
+            return []
+        followers, seq.followers = seq.followers, []
+        full, partial = divmod(seq.num_prompt, self.kv.block_size)
+        if partial and len(followers) > self.kv.blocks.num_free:
+            for follower in followers:
+                self.queues.add(follower)
+            return []
+        shared = seq.block_table[:full]
+        for follower in followers:
+            self.kv.blocks.acquire(shared)
+            follower.block_table = list(shared)
+            if partial:
+                [block] = self.kv.blocks.allocate(1)
+                follower.block_table.append(block)
+                copies.append((seq.block_table[full], block))
+            follower.num_computed = seq.num_prompt
+            follower.num_cached_tokens = seq.num_cached_tokens
+            self.queues.add_running(follower, seq.queue_seconds)
+            row.forks.append(self._sample_spec(follower))
+        return followers
 
     def _grammar_masks(self, sampled: list[Sequence]) -> tuple[GrammarMasks, list[GrammarState]] | None:
         """Masks for the constrained rows among `sampled`. Filled now when every token they
@@ -333,6 +386,11 @@ class EngineCore:
         # NOTE: in overlap mode a step still in flight may write these blocks. Freeing them
         # now is safe: only later steps can reuse them, and the device runs steps in order.
         self.kv.release(seq)
+        return self._finished_output(seq, reason, tokens, lps)
+
+    def _finished_output(
+        self, seq: Sequence, reason: FinishReason, tokens: list[int], lps: list[TokenLogprob] | None = None
+    ) -> RequestOutput:
         seq.finish_reason = reason
         if reason is not FinishReason.STOP_STRING:
             seq.detokenizer.flush()
@@ -347,7 +405,8 @@ class EngineCore:
 
     def _output(self, seq: Sequence, tokens: list[int], text: str, lps) -> RequestOutput:
         return RequestOutput(
-            request_id=seq.request_id,
+            request_id=seq.parent_id,
+            index=seq.index,
             token_ids=tokens,
             text=text,
             logprobs=lps,

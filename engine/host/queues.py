@@ -38,6 +38,16 @@ class RequestQueues:
         self._by_id[seq.request_id] = seq
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence, queue_seconds: float | None) -> None:
+        """A sample forked off a running one: it starts running, its prompt already computed."""
+        if seq.request_id in self._by_id:
+            raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
+        seq.arrival = next(self._arrivals)
+        self._by_id[seq.request_id] = seq
+        seq.queue_seconds = queue_seconds
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
     def admit(self, seq: Sequence) -> None:
         """Waiting -> running; the first admission ends its queueing time."""
         self.waiting.remove(seq)

@@ -19,6 +19,12 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
+def sample_key(request_id: str, index: int) -> str:
+    """The engine's own id of sample `index` (the caller's id for sample 0). NOTE: \x1f cannot
+    occur in an id the service accepts (printable ASCII), so keys never collide with ids."""
+    return request_id if index == 0 else f"{request_id}\x1f{index}"
+
+
 class Sequence:
     """Tokens live in one preallocated int64 array (prompt then output); KV state is the
     block table plus how many leading tokens have their K/V in the cache."""
@@ -55,6 +61,11 @@ class Sequence:
         )
         self.num_preemptions = 0
         self.grammar: GrammarState | None = None  # structured output: consumed every output token so far
+        # n samples of one prompt: `request_id` is unique per sample (sample_key), outputs go
+        # out under the caller's id with the sample's index.
+        self.parent_id = request_id
+        self.index = 0
+        self.followers: list[Sequence] = []  # the other samples, until they fork off this one's prefill
 
     @property
     def tokens(self) -> np.ndarray:
