@@ -146,8 +146,8 @@ def test_constrained_outputs_match_their_constraint(model: str, scheduler: str) 
 
 
 def _workload(seed: int, sampled: bool) -> list[Arrival]:
-    """Constrained and unconstrained requests arriving over time, two aborted: small KV pools
-    make the policies preempt."""
+    """Constrained and unconstrained requests arriving over time, some with n samples, two
+    aborted: small KV pools make the policies preempt."""
     rng = np.random.default_rng(seed)
     constraints = list(_constraints().values()) + [None, None]
     arrivals = []
@@ -156,7 +156,8 @@ def _workload(seed: int, sampled: bool) -> list[Arrival]:
         params = SamplingParams(temperature=0.9, seed=100 + i) if sampled else SamplingParams(temperature=0)
         stop = StoppingCriteria(max_new_tokens=int(rng.integers(8, 40)), ignore_eos=c is None)
         prompt = rng.integers(4, 500, int(rng.integers(2, 28))).tolist()
-        request = GenerationRequest(prompt, params, stop, request_id=f"r{i}", constraint=c)
+        n = 3 if i % 4 == 3 else 1  # samples fork off one prefill, each with its own matcher
+        request = GenerationRequest(prompt, params, stop, request_id=f"r{i}", constraint=c, n=n)
         arrivals.append(Arrival(int(rng.integers(0, 12)), request, 3 if i in (2, 7) else None))
     return arrivals
 
@@ -182,6 +183,7 @@ def test_constrained_outputs_are_equal_under_every_scheduler(sampled: bool) -> N
         runs = [_run(name, opts, seed, sampled) for name, opts in schedulers]
         assert any(preemptions for _, preemptions in runs)
         want = runs[0][0]
+        assert any("#" in rid for rid in want)  # samples i > 0 of n = 3 requests are in the results
         for got, _ in runs[1:]:
             for rid, (tokens, reason) in want.items():
                 got_tokens, got_reason = got[rid]
