@@ -344,4 +344,6 @@ def validate_n(request: GenerationRequest, limits: ModelLimits) -> None:
         raise InvalidRequestError("n", f"{request.n} samples, over this server's limit of {limits.requests.max_n}")
     seed = request.sampling.seed
     if seed is not None and seed + request.n - 1 >= 2**64:
-        raise InvalidRequestError("sampling.seed", f"sample i is seeded with seed + i: must be < 2**64 - {request.n - 1}")
+        raise InvalidRequestError(
+            "sampling.seed", f"sample i is seeded with seed + i: must be < 2**64 - {request.n - 1}"
+        )

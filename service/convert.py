@@ -77,7 +77,8 @@ def to_request(msg: GenerateMessage, rendered: list[int] | None = None) -> Gener
     )
     output = OutputOptions(logprobs=msg.output.logprobs, top_logprobs=msg.output.top_logprobs)
     constraint = to_constraint(msg.constraint) if msg.HasField("constraint") else None
-    return GenerationRequest(prompt, sampling, stopping, output, msg.request_id or None, msg.priority, constraint)
+    n = msg.n if msg.n else 1  # proto3 zero: unset
+    return GenerationRequest(prompt, sampling, stopping, output, msg.request_id or None, msg.priority, constraint, n)
 
 
 def to_constraint(c: pb.Constraint) -> Constraint:
@@ -126,6 +127,7 @@ def to_message(request: GenerationRequest) -> pb.GenerateStreamRequest:
         output=pb.OutputOptions(logprobs=o.logprobs, top_logprobs=o.top_logprobs),
         priority=request.priority,
         constraint=from_constraint(request.constraint) if request.constraint is not None else None,
+        n=request.n,
     )
     if isinstance(request.prompt, str):
         msg.text = request.prompt
@@ -172,7 +174,11 @@ def logprobs(items: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
 
 def stream_response(out: RequestOutput, first: bool) -> pb.GenerateStreamResponse:
     msg = pb.GenerateStreamResponse(
-        request_id=out.request_id, token_ids=out.token_ids, text=out.text, logprobs=logprobs(out.logprobs)
+        request_id=out.request_id,
+        token_ids=out.token_ids,
+        text=out.text,
+        logprobs=logprobs(out.logprobs),
+        index=out.index,
     )
     if first:
         msg.prompt_tokens = out.num_prompt_tokens
@@ -183,7 +189,7 @@ def stream_response(out: RequestOutput, first: bool) -> pb.GenerateStreamRespons
     return msg
 
 
-def set_matched_stop(msg: pb.GenerateStreamResponse | pb.GenerateResponse, out: RequestOutput) -> None:
+def set_matched_stop(msg: pb.GenerateStreamResponse | pb.GenerateResponse | pb.Sample, out: RequestOutput) -> None:
     """Which stop string, stop token or EOS token ended the request (none for length or abort)."""
     if isinstance(out.stop, str):
         msg.matched_stop_string = out.stop

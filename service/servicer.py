@@ -63,6 +63,20 @@ def bad_request_id(request_id: str) -> str | None:
     return None
 
 
+def _sample(parts: list[RequestOutput]) -> pb.Sample:
+    """One sample's outputs, whole."""
+    last = parts[-1]
+    sample = pb.Sample(
+        index=last.index,
+        token_ids=[t for p in parts for t in p.token_ids],
+        text="".join(p.text for p in parts),
+        logprobs=logprobs([lp for p in parts for lp in (p.logprobs or [])]),
+        finish_reason=finish_reason(last),
+    )
+    set_matched_stop(sample, last)
+    return sample
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(
         self,
@@ -135,10 +149,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         first_at: float | None = None  # the first response's time
         last_at = received
         tokens, finished, text = 0, False, []
+        left = request.n  # samples still running
         try:
             async for out in self.outputs(request, context, field=api_names(msg)):
                 now = time.monotonic()
                 response = stream_response(out, first_at is None)
+                left -= out.finished
                 if first_at is None:
                     first_at = now
                     metrics.TTFT.observe(now - received)
@@ -149,7 +165,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 tokens += len(out.token_ids)
                 if self.log_prompts:
                     text.append(out.text)
-                if out.finished:
+                if not left:  # the request's last response
                     finished = True
                     self._report_load(context)
                     self.trace(context, request, received, first_at or now, now, out, tokens)
@@ -222,25 +238,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         received = time.monotonic()
         request = await self._prepare(msg, context)
         self.received(request, "Generate")
-        parts, first_at = [], None
+        parts: dict[int, list[RequestOutput]] = {}  # by sample index
+        first_at = None
         async for out in self.outputs(request, context, field=api_names(msg)):
             first_at = first_at or time.monotonic()
-            parts.append(out)
-        last = parts[-1]
-        tokens = [t for p in parts for t in p.token_ids]
-        text = "".join(p.text for p in parts)
-        self.finished(request.request_id, last, len(tokens), received, text)
-        lps = [lp for p in parts for lp in (p.logprobs or [])]
+            parts.setdefault(out.index, []).append(out)
+        samples = [_sample(parts[i]) for i in sorted(parts)]
+        last = parts[0][-1]
+        total = sum(len(s.token_ids) for s in samples)
+        self.finished(request.request_id, last, total, received, samples[0].text)
         self._report_load(context)
-        self.trace(context, request, received, first_at or received, time.monotonic(), last, len(tokens))
+        self.trace(context, request, received, first_at or received, time.monotonic(), last, total)
+        first = samples[0]
         response = pb.GenerateResponse(
             request_id=request.request_id,
-            token_ids=tokens,
-            text=text,
-            logprobs=logprobs(lps),
-            finish_reason=finish_reason(last),
-            usage=usage(last, len(tokens)),
+            token_ids=first.token_ids,
+            text=first.text,
+            logprobs=first.logprobs,
+            finish_reason=first.finish_reason,
+            usage=usage(last, total),
             timings=pb.Timings(total_seconds=time.monotonic() - received, queue_seconds=last.queue_seconds or 0.0),
+            samples=samples if request.n > 1 else [],
         )
         set_matched_stop(response, last)
         return response

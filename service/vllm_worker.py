@@ -101,8 +101,6 @@ def _check_supported(msg: pb.GenerateRequest) -> None:
     s = msg.sampling_params
     if s.WhichOneof("constraint") == "structural_tag":
         raise InvalidRequestError("sampling_params.structural_tag", "structural tags are not supported")
-    if s.n > 1:
-        raise InvalidRequestError("sampling_params.n", f"{s.n} samples per request are not supported yet (n=1)")
     if s.HasField("prompt_logprobs"):
         raise InvalidRequestError("sampling_params.prompt_logprobs", "prompt logprobs are not supported")
     if s.HasField("logprobs") and s.logprobs < 0:
@@ -167,7 +165,8 @@ def to_request(msg: pb.GenerateRequest, limits: ModelLimits) -> GenerationReques
     )
     wants_logprobs = s.HasField("logprobs")
     output = OutputOptions(logprobs=wants_logprobs, top_logprobs=s.logprobs if wants_logprobs else 0)
-    return GenerationRequest(prompt, sampling, stopping, output, msg.request_id or None, constraint=_constraint(s))
+    n = s.n or 1  # proto3 zero: unset
+    return GenerationRequest(prompt, sampling, stopping, output, msg.request_id or None, constraint=_constraint(s), n=n)
 
 
 def _constraint(s: pb.SamplingParams) -> Constraint | None:
@@ -202,6 +201,7 @@ def complete(out: RequestOutput, tokens: list[int], lps: list[TokenLogprob] | No
         completion_tokens=len(tokens),
         cached_tokens=out.num_cached_tokens,
         output_logprobs=output_logprobs(lps, top),
+        index=out.index,
     )
     # As vLLM reports it: a stop string or a stop token, not the model's own EOS.
     if out.finish_reason is FinishReason.STOP_STRING and isinstance(out.stop, str):
@@ -275,14 +275,14 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         received = time.monotonic()
         self.generation.received(request, "vllm.Generate")
         top = request.output.logprobs and request.output.top_logprobs > 0
-        tokens: list[int] = []
-        lps: list[TokenLogprob] = []
-        finished, first_at = False, None
+        tokens: dict[int, list[int]] = {}  # by sample index
+        lps: dict[int, list[TokenLogprob]] = {}
+        left, first_at = request.n, None
         try:
             async for out in self.generation.outputs(request, context, lambda f: protocol_field(f, request)):
                 first_at = first_at or time.monotonic()
-                tokens += out.token_ids
-                lps += out.logprobs or []
+                tokens.setdefault(out.index, []).extend(out.token_ids)
+                lps.setdefault(out.index, []).extend(out.logprobs or [])
                 if msg.stream:
                     yield pb.GenerateResponse(
                         chunk=pb.GenerateStreamChunk(
@@ -291,19 +291,21 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
                             completion_tokens=len(out.token_ids),
                             cached_tokens=out.num_cached_tokens,
                             output_logprobs=output_logprobs(out.logprobs, top),
+                            index=out.index,
                         )
                     )
                 if out.finished:
-                    finished = True
-                    self.generation.finished(request.request_id, out, len(tokens), received, "")
-                    now = time.monotonic()
-                    self.generation.trace(context, request, received, first_at or now, now, out, len(tokens))
+                    left -= 1
                     # Streaming, the router accumulates the chunks: the completion repeats only the last delta.
-                    last = (out.token_ids, out.logprobs) if msg.stream else (tokens, lps)
+                    last = (out.token_ids, out.logprobs) if msg.stream else (tokens[out.index], lps[out.index])
                     yield complete(out, *last, top)
+            total = sum(len(t) for t in tokens.values())
+            now = time.monotonic()
+            self.generation.finished(request.request_id, out, total, received, "")
+            self.generation.trace(context, request, received, first_at or now, now, out, total)
         finally:
-            if not finished:  # the router aborted or the client left; the engine has dropped it
-                self.generation.aborted(request.request_id, context, len(tokens))
+            if left:  # the router aborted or the client left; the engine has dropped it
+                self.generation.aborted(request.request_id, context, sum(len(t) for t in tokens.values()))
 
     async def Embed(self, msg: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "tandem serves generation models; Embed is not supported")

@@ -242,9 +242,7 @@ class EngineCore:
                 # until the step completes, so its full blocks still reach the prefix cache.
                 self.queues.drain(seq)
         seqs = [seq for seq, _ in chosen] + [seq for group in samplers for seq in group[1:]]
-        return _Launched(
-            handle, seqs, sampled, grammar if grammar and not grammar[0].ready.is_set() else None
-        )
+        return _Launched(handle, seqs, sampled, grammar if grammar and not grammar[0].ready.is_set() else None)
 
     def _fork(self, seq: Sequence, row: StepRow, copies: list[tuple[int, int]]) -> list[Sequence]:
         """The other samples of `seq`'s request, as this step completes its prompt: they share
