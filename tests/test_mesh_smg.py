@@ -110,6 +110,7 @@ def test_stop_strings_are_matched_in_the_worker(mesh: Mesh) -> None:
     assert stop and full.find(stop) == 6, full
     cut = client.completions.create(max_tokens=16, stop=[stop], **ask)
     assert cut.choices[0].text == full[:6] and cut.choices[0].finish_reason == "stop"
+    assert (cut.choices[0].model_extra or {}).get("matched_stop") == stop  # what smg reports from the worker
     assert cut.usage.completion_tokens < 16
     text, finish, _ = streamed(client.completions.create(max_tokens=16, stop=[stop], stream=True, **ask))
     assert (text, finish) == (full[:6], "stop")
@@ -129,8 +130,9 @@ def test_unsupported_fields_are_refused_by_name(mesh: Mesh) -> None:
     with grpc.insecure_channel(target) as ch:
         stub = vgrpc.VllmEngineStub(ch)
         cases = {
-            "sampling_params.n": vpb.SamplingParams(n=2),
-            "sampling_params.json_schema": vpb.SamplingParams(json_schema="{}"),
+            "sampling_params.structural_tag": vpb.SamplingParams(structural_tag="{}"),
+            "sampling_params.json_schema": vpb.SamplingParams(json_schema="{not json"),
+            "sampling_params.regex": vpb.SamplingParams(regex="[a-"),
             "sampling_params.prompt_logprobs": vpb.SamplingParams(prompt_logprobs=1),
             "sampling_params.max_tokens": vpb.SamplingParams(max_tokens=5000),
         }
@@ -258,3 +260,59 @@ def test_killing_a_replica_under_load(mesh: Mesh) -> None:
     assert all(r.startswith("error: ") for r in failed), failed  # a clear error, not a silent truncation
     after = [client.completions.create(model=MODEL, prompt=f"after {i}", max_tokens=4, temperature=0) for i in range(6)]
     assert all(r.choices[0].finish_reason in ("length", "stop") for r in after)
+
+
+def test_openai_response_format_json_schema_and_n(mesh: Mesh) -> None:
+    import json
+
+    import jsonschema
+
+    client = mesh.client()
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+            "tags": {"type": "array", "items": {"enum": ["cheap", "quiet", "central"]}, "maxItems": 3},
+        },
+        "required": ["city", "rating"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "review", "schema": schema, "strict": True}}
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "review a hotel as JSON"}],
+            max_tokens=120,
+            temperature=1.0,
+            seed=seed,
+            response_format=response_format,  # type: ignore[arg-type]
+        )
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
+
+    ask = dict(model=MODEL, max_tokens=8, temperature=1.0, seed=4, extra_body={"ignore_eos": True})
+    one = client.completions.create(prompt="three ways", **ask)
+    three = client.completions.create(prompt="three ways", n=3, **ask)
+    assert sorted(c.index for c in three.choices) == [0, 1, 2]
+    assert len({c.text for c in three.choices}) == 3  # independent samples, not copies
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens and three.usage.completion_tokens == 24
+    parts: dict[int, str] = {}
+    for chunk in client.chat.completions.create(
+        messages=[{"role": "user", "content": "three ways"}], n=3, stream=True, **ask
+    ):
+        for choice in chunk.choices:
+            parts[choice.index] = parts.get(choice.index, "") + (choice.delta.content or "")
+    assert sorted(parts) == [0, 1, 2]
+    # n samples and a schema together: every sample validates.
+    both = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "review a hotel as JSON"}],
+        max_tokens=120,
+        temperature=1.0,
+        n=3,
+        response_format=response_format,  # type: ignore[arg-type]
+    )
+    assert len(both.choices) == 3
+    for choice in both.choices:
+        jsonschema.validate(json.loads(choice.message.content or ""), schema)

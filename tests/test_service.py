@@ -613,3 +613,32 @@ def test_fuzzed_constraints_are_refused_by_field_and_the_server_stays_healthy(st
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert stub.Generate(pb.GenerateRequest(text="still serving", stopping=pb.StoppingCriteria(max_new_tokens=2)))
+
+
+def test_n_samples_through_tandem_v1(stub) -> None:
+    request = pb.GenerateStreamRequest(
+        text="three ways to say it",
+        sampling=pb.SamplingParams(temperature=1.0, seed=40),
+        stopping=pb.StoppingCriteria(max_new_tokens=8, ignore_eos=True),
+        n=3,
+    )
+    parts = list(stub.GenerateStream(request))
+    by_index: dict[int, list[int]] = {}
+    for p in parts:
+        by_index.setdefault(p.index, []).extend(p.token_ids)
+    assert sorted(by_index) == [0, 1, 2] and all(len(t) == 8 for t in by_index.values())
+    assert sum(1 for p in parts if p.finish_reason == pb.FINISH_REASON_LENGTH) == 3
+    usage = parts[-1].usage
+    assert usage.prompt_tokens == parts[0].prompt_tokens and usage.completion_tokens == 24  # the prompt once
+    # Sample i is the request seeded seed + i.
+    for i in range(3):
+        alone = pb.GenerateRequest(text=request.text, sampling=pb.SamplingParams(temperature=1.0, seed=40 + i))
+        alone.stopping.CopyFrom(request.stopping)
+        assert list(stub.Generate(alone).token_ids) == by_index[i]
+    unary = pb.GenerateRequest(text=request.text, sampling=request.sampling, stopping=request.stopping, n=3)
+    reply = stub.Generate(unary)
+    assert [list(s.token_ids) for s in reply.samples] == [by_index[i] for i in range(3)]
+    assert list(reply.token_ids) == by_index[0] and reply.usage.completion_tokens == 24
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(text="x", n=1000))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and (err.value.details() or "").startswith("n:")
