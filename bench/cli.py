@@ -121,6 +121,40 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_structured(args: argparse.Namespace) -> int:
+    import json
+
+    from tandem.bench import structured
+
+    report: dict = {"model": args.model, "requests": args.requests, "concurrency": args.concurrency}
+    for scheduler in args.schedulers:
+        row = structured.constrained_vs_free(
+            args.model, scheduler, args.requests, args.concurrency, args.repeats, args.max_new_tokens, args.seed
+        )
+        report.setdefault("constrained", []).append(row)
+        for r in row["rounds"]:
+            print(
+                f"{scheduler}: JSON schema {r['constrained_tok_s']:.1f} tok/s, "
+                f"unconstrained {r['unconstrained_tok_s']:.1f} tok/s, ratio {r['ratio']:.3f}; "
+                f"masks {r['mask_ms_per_step']:.2f} ms/step of {r['step_ms']:.1f} "
+                f"({r['mask_us_per_token']:.0f} us/token); valid {r['valid_json']}"
+            )
+    if args.n:
+        row = structured.samples_vs_separate(
+            args.model, args.schedulers[0], args.requests // args.n, args.n, args.n_max_new_tokens, args.seed
+        )
+        report["samples"] = row
+        for label in ("n", "separate", "n again", "separate again"):
+            r = row[label]
+            print(
+                f"{label}: {r['prompt_tokens_computed']} prompt tokens computed "
+                f"(prompts: {row['prompt_tokens']}), {r['output_tok_s']:.1f} output tok/s"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def _plots(report: dict, out_dir: str | None) -> None:
     if not out_dir:
         return
@@ -219,6 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin"], help="smg policies compared")
     mesh.add_argument("--json", default=None, help="write every figure")
     mesh.set_defaults(func=cmd_mesh)
+
+    st = bench.add_parser(
+        "structured",
+        help="a JSON schema against no constraint; n samples against separate requests",
+        formatter_class=fmt,
+    )
+    st.add_argument("--model", default="bench-llama", help="preset or local model directory")
+    st.add_argument("--schedulers", nargs="+", default=["fcfs", "async-overlap"], help="one engine each")
+    st.add_argument("--requests", type=int, default=128, help="requests per run")
+    st.add_argument("--concurrency", type=int, default=64, help="streams in flight")
+    st.add_argument("--repeats", type=int, default=2, help="constrained/unconstrained pairs, alternating")
+    st.add_argument("--max-new-tokens", type=int, default=512, help="cap on a constrained answer")
+    st.add_argument("--n", type=int, default=4, help="samples per request against separate requests (0: skip)")
+    st.add_argument("--n-max-new-tokens", type=int, default=64, help="tokens per sample")
+    st.add_argument("--seed", type=int, default=0, help="workload seed")
+    st.add_argument("--json", default=None, help="write every figure")
+    st.set_defaults(func=cmd_structured)
     return parser
 
 

@@ -12,7 +12,7 @@ ORDER_SCHEMA: dict = {
             "type": "object",
             "properties": {
                 "name": {"type": "string", "maxLength": 40},
-                "email": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.(com|org)$"},
+                "email": {"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.(com|org)$"},
                 "vip": {"type": "boolean"},
             },
             "required": ["name", "email"],
