@@ -65,13 +65,20 @@ class GrammarMasks:
         self.ready.set()
 
 
-def unpack_masks(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, words] int32 bitmasks as [rows, vocab_size] bool (True: allowed)."""
+# What a refused token's logit gets added. NOTE: finite, not -inf: the bias is added (one
+# vectorized pass; masked_fill over a bool mask is ~10x slower on the CPU), and 0 * inf would be
+# NaN. Softmax still gives such tokens exactly zero probability.
+REFUSED = -3e38
+
+
+def grammar_bias(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, words] int32 bitmasks as [rows, vocab_size] float32: 0 allowed, REFUSED not."""
     if bits.device.type == "cpu":  # numpy's unpackbits: one pass in C
-        unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
-        return torch.from_numpy(unpacked.view(np.bool_))
-    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
-    return ((bits.unsqueeze(-1) >> shifts) & 1).view(bits.shape[0], -1)[:, :vocab_size].bool()
+        allowed = torch.from_numpy(np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little"))
+    else:
+        shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+        allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(bits.shape[0], -1)
+    return allowed[:, :vocab_size].float().sub_(1).mul_(-REFUSED)
 
 
 @dataclass
@@ -287,12 +294,10 @@ def apply_grammar(logits: torch.Tensor, st: SamplingTensors, in_place: bool) -> 
     assert st.grammar is not None and st.grammar_rows is not None
     st.grammar.ready.wait()
     # On CUDA the bits are pinned: the copy queues behind the forward pass, the host goes on.
-    allowed = unpack_masks(st.grammar.bits.to(logits.device, non_blocking=True), logits.shape[-1])
+    bias = grammar_bias(st.grammar.bits.to(logits.device, non_blocking=True), logits.shape[-1])
     if not in_place:
         logits = logits.clone()
-    rows = st.grammar_rows
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
-    return logits
+    return logits.index_add_(0, st.grammar_rows, bias)
 
 
 def sample(raw_logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:
