@@ -86,7 +86,7 @@ def constrained_vs_free(
         # Warm: the schema compiles once and llguidance's lexer fills its caches at the first
         # requests' states; a whole round at full concurrency, discarded.
         asyncio.run(_stream_all(engine, constrained()[:concurrency], concurrency))
-        rounds = []
+        rounds: list[dict] = []
         for _ in range(repeats):
             steps0, masks0 = engine.core.executor.stats.steps, engine.core.stats.mask_seconds
             c = asyncio.run(_stream_all(engine, constrained(), concurrency))
@@ -105,7 +105,8 @@ def constrained_vs_free(
                     "step_ms": 1e3 * c.seconds / max(steps, 1),
                 }
             )
-    return {"scheduler": scheduler, "rounds": rounds, "median_ratio": statistics.median(r["ratio"] for r in rounds)}
+    ratios = [float(r["ratio"]) for r in rounds]
+    return {"scheduler": scheduler, "rounds": rounds, "median_ratio": statistics.median(ratios)}
 
 
 def _valid(text: str) -> bool:
@@ -121,7 +122,7 @@ def _valid(text: str) -> bool:
 def samples_vs_separate(model: str, scheduler: str, requests: int, n: int, max_new: int, seed: int) -> dict:
     prompts = _prompts(model, requests, seed)
     stop = StoppingCriteria(max_new_tokens=max_new, ignore_eos=True)
-    out = {}
+    out: dict = {}
     with Engine(EngineConfig(model=model), load_scheduler(scheduler)) as engine:
         grouped = [
             GenerationRequest(p, SamplingParams(temperature=1.0, seed=seed + 10 * i), stop, n=n)

@@ -206,7 +206,7 @@ class Engine:
                 sampling=_nth(sampling, i, SamplingParams),
                 stopping=_nth(stopping, i, StoppingCriteria),
                 output=output or OutputOptions(),
-                constraint=constraint[i] if isinstance(constraint, (list, tuple)) else constraint,
+                constraint=constraint if constraint is None or isinstance(constraint, Constraint) else constraint[i],
             )
             for i, p in enumerate(prompts)
         ]

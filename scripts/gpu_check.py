@@ -123,7 +123,9 @@ def structured_check(path: Path, device: str) -> dict:
                 for i in range(16)
             ]
 
-            async def run_all(engine: Engine = engine) -> list[dict[int, list[int]]]:
+            async def run_all(
+                engine: Engine = engine, requests: list[GenerationRequest] = requests
+            ) -> list[dict[int, list[int]]]:
                 async def one(request: GenerationRequest) -> dict[int, list[int]]:
                     got: dict[int, list[int]] = {}
                     async for out in engine.stream(request):

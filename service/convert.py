@@ -97,7 +97,10 @@ def from_constraint(c: Constraint) -> pb.Constraint:
         return pb.Constraint(choice=pb.Choices(choices=list(c.value)))
     if c.kind is ConstraintKind.JSON_OBJECT:
         return pb.Constraint(json_object=True)
-    return pb.Constraint(**{c.kind.value: c.value})
+    assert isinstance(c.value, str)
+    if c.kind is ConstraintKind.JSON_SCHEMA:
+        return pb.Constraint(json_schema=c.value)
+    return pb.Constraint(regex=c.value) if c.kind is ConstraintKind.REGEX else pb.Constraint(grammar=c.value)
 
 
 def to_message(request: GenerationRequest) -> pb.GenerateStreamRequest:

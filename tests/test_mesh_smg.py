@@ -286,7 +286,7 @@ def test_openai_response_format_json_schema_and_n(mesh: Mesh) -> None:
             max_tokens=120,
             temperature=1.0,
             seed=seed,
-            response_format=response_format,  # type: ignore[arg-type]
+            response_format=response_format,
         )
         assert reply.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
@@ -311,7 +311,7 @@ def test_openai_response_format_json_schema_and_n(mesh: Mesh) -> None:
         max_tokens=120,
         temperature=1.0,
         n=3,
-        response_format=response_format,  # type: ignore[arg-type]
+        response_format=response_format,
     )
     assert len(both.choices) == 3
     for choice in both.choices:

@@ -120,7 +120,10 @@ def model(request, tmp_path_factory) -> str:
 @pytest.mark.parametrize("scheduler", ["fcfs", "async-overlap"])
 def test_constrained_outputs_match_their_constraint(model: str, scheduler: str) -> None:
     constraints = _constraints()
-    prompts, params, cons, names = [], [], [], []
+    prompts: list[str] = []
+    params: list[SamplingParams] = []
+    cons: list[Constraint | None] = []
+    names: list[str] = []
     for i, (name, c) in enumerate(constraints.items()):
         for label, p in PARAMS.items():
             prompts.append(f"request {i} {label}: answer")
@@ -134,9 +137,10 @@ def test_constrained_outputs_match_their_constraint(model: str, scheduler: str) 
     with make_engine(scheduler, model=model) as eng:
         results = eng.generate(prompts, params, STOP, constraint=cons)
         assert eng.core.grammars.compiled == len(constraints)  # one compile per constraint: the cache
-        for name, c, r in zip(names, cons, results):
-            if c is None:
+        for name, maybe, r in zip(names, cons, results):
+            if maybe is None:
                 continue
+            c = maybe
             if name in UNBOUNDED and r.finish_reason is FinishReason.LENGTH:
                 # Random weights may never close an unbounded string: every token was still allowed.
                 assert eng.core.grammars.state(c).matcher.validate_tokens(r.token_ids) == len(r.token_ids)

@@ -24,7 +24,7 @@ from tandem.engine.errors import InvalidRequestError
 from tandem.engine.request import Constraint, ConstraintKind
 
 # JSON with no free whitespace: a model (random weights above all) cannot pad it forever.
-_JSON_DEFAULTS = {"whitespace_flexible": False}
+_JSON_DEFAULTS: Any = {"whitespace_flexible": False}  # llguidance's JsonCompileOptions
 _EXECUTOR = llguidance.LLExecutor()
 
 
@@ -36,7 +36,9 @@ def grammar_text(c: Constraint) -> str:
             schema = json.loads(c.value)
             if not isinstance(schema, (dict, bool)):
                 raise InvalidRequestError(c.field, "a JSON schema is an object or a boolean")
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_DEFAULTS)
+            # A boolean schema goes as its JSON text (the binding's types take str or dict).
+            spec: str | dict[str, Any] = schema if isinstance(schema, dict) else json.dumps(schema)
+            return llguidance.LLMatcher.grammar_from_json_schema(spec, defaults=_JSON_DEFAULTS)
         if c.kind is ConstraintKind.JSON_OBJECT:
             return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_DEFAULTS)
         if c.kind is ConstraintKind.REGEX:
