@@ -97,6 +97,8 @@ class GenerationRequest:
     priority: int = 0
     constraint: Constraint | None = None
     n: int = 1  # samples of this prompt: prefilled once, sample i seeded with seed + i
+    tenant: str = ""  # who sent it, for policies that share between tenants ("" if unknown)
+    deadline: float | None = None  # time.monotonic() by which the first token is due (policies may use it)
 
 
 @dataclass(frozen=True)

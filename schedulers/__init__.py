@@ -4,7 +4,15 @@ A plugin subclasses `Scheduler`, sets `name`, implements `schedule(ctx)`, and re
 class under the `tandem.schedulers` entry-point group. See docs/schedulers.md.
 """
 
-from tandem.engine.host.scheduling import API_VERSION, RequestView, Scheduler, SchedulerError, StepContext
+from tandem.engine.host.scheduling import (
+    API_VERSION,
+    SUPPORTED_API_VERSIONS,
+    RequestView,
+    Scheduler,
+    SchedulerError,
+    StepContext,
+    StepReport,
+)
 from tandem.schedulers.building_blocks import admit_waiting, continue_running
 from tandem.schedulers.registry import (
     ENTRY_POINT_GROUP,
@@ -22,6 +30,8 @@ __all__ = [
     "SchedulerError",
     "SchedulerLoadError",
     "StepContext",
+    "StepReport",
+    "SUPPORTED_API_VERSIONS",
     "admit_waiting",
     "available_schedulers",
     "continue_running",

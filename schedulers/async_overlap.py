@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.engine.host.scheduling import Scheduler, StepContext
+from tandem.engine.host.scheduling import RequestView, Scheduler, StepContext, StepReport
 
 
 class AsyncOverlap(Scheduler):
@@ -25,3 +25,16 @@ class AsyncOverlap(Scheduler):
 
     def schedule(self, ctx: StepContext) -> None:
         self.inner.schedule(ctx)
+
+    # The wrapped policy keeps its hooks.
+    def select_victim(self, ctx: StepContext, candidates: list[RequestView]) -> RequestView:
+        return self.inner.select_victim(ctx, candidates)
+
+    def on_request_added(self, request: RequestView) -> None:
+        self.inner.on_request_added(request)
+
+    def on_request_finished(self, request: RequestView, reason: str) -> None:
+        self.inner.on_request_finished(request, reason)
+
+    def on_step_done(self, report: StepReport) -> None:
+        self.inner.on_step_done(report)

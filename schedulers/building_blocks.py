@@ -9,9 +9,9 @@ from tandem.engine.host.scheduling import RequestView, StepContext
 
 def continue_running(ctx: StepContext, order: Iterable[RequestView] | None = None) -> bool:
     """Give running requests their next chunk or decode token, in `order` (default:
-    admission order). When KV runs out, preempt the most recently admitted request not yet
-    scheduled this step (possibly the one being placed). Returns whether anything was
-    preempted."""
+    admission order). When KV runs out, preempt the request the policy's `select_victim`
+    picks among those not yet scheduled this step (possibly the one being placed; default:
+    the most recently admitted). Returns whether anything was preempted."""
     preempted = False
     for req in list(ctx.running if order is None else order):
         if ctx.token_budget == 0 or ctx.seq_budget == 0:
@@ -20,12 +20,13 @@ def continue_running(ctx: StepContext, order: Iterable[RequestView] | None = Non
             continue
         n = min(req.remaining, ctx.token_budget)
         while not ctx.fits(req, n):
-            victims = [r for r in reversed(ctx.running) if not ctx.is_scheduled(r)]
-            if not victims:
+            candidates = [r for r in ctx.running if not ctx.is_scheduled(r)]
+            if not candidates:
                 break
-            ctx.preempt(victims[0])
+            victim = ctx.choose_victim(candidates)
+            ctx.preempt(victim)
             preempted = True
-            if victims[0] is req:
+            if victim is req:
                 break
         else:
             ctx.schedule(req, n)

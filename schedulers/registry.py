@@ -8,7 +8,7 @@ from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
 
 from tandem.engine.errors import TandemError
-from tandem.engine.host.scheduling import API_VERSION, Scheduler
+from tandem.engine.host.scheduling import API_VERSION, SUPPORTED_API_VERSIONS, Scheduler
 
 ENTRY_POINT_GROUP = "tandem.schedulers"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -28,12 +28,19 @@ def load_class(name: str) -> type[Scheduler]:
     if name not in found:
         hint = "" if found else " (is the tandem package installed? its built-in schedulers are entry points)"
         raise SchedulerLoadError(f"unknown scheduler {name!r}; installed: {', '.join(found) or 'none'}{hint}")
-    cls = found[name].load()
+    return check_class(name, found[name].load(), found[name].value)
+
+
+def check_class(name: str, cls: object, origin: str = "") -> type[Scheduler]:
+    """`cls` as a scheduler class, or SchedulerLoadError: not a Scheduler, or an API version
+    this tandem does not load."""
     if not (isinstance(cls, type) and issubclass(cls, Scheduler)):
-        raise SchedulerLoadError(f"scheduler {name!r} ({found[name].value}) is not a Scheduler subclass")
-    if cls.api_version != API_VERSION:
+        raise SchedulerLoadError(f"scheduler {name!r} ({origin or cls!r}) is not a Scheduler subclass")
+    if cls.api_version not in SUPPORTED_API_VERSIONS:
+        supported = ", ".join(map(str, SUPPORTED_API_VERSIONS))
         raise SchedulerLoadError(
-            f"scheduler {name!r} targets plugin API version {cls.api_version}, this tandem provides {API_VERSION}"
+            f"scheduler {name!r} targets plugin API version {cls.api_version}; this tandem provides {API_VERSION} "
+            f"and loads {supported}"
         )
     return cls
 

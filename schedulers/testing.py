@@ -63,14 +63,68 @@ def _core(factory: Callable[[], Scheduler], model: str, limits: dict) -> EngineC
     return build_core(EngineConfig(model=model, **limits), scheduler)[0]
 
 
+class HookLedger:
+    """Records the lifecycle callbacks (API version 2) the core makes on a scheduler instance,
+    so a workload can check them: each request added once and finished once, every completed
+    step reported with what ran."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.added: list[str] = []
+        self.finished: list[tuple[str, str]] = []
+        self.steps: list[list[tuple[str, int]]] = []
+        added, finished, step_done = scheduler.on_request_added, scheduler.on_request_finished, scheduler.on_step_done
+
+        def on_added(request) -> None:
+            self.added.append(request.request_id)
+            added(request)
+
+        def on_finished(request, reason: str) -> None:
+            self.finished.append((request.request_id, reason))
+            finished(request, reason)
+
+        def on_step(report) -> None:
+            self.steps.append([(r.request_id, n) for r, n in report.rows])
+            step_done(report)
+
+        # Instance attributes shadow the class's methods: the core calls these.
+        scheduler.on_request_added = on_added  # type: ignore[method-assign]
+        scheduler.on_request_finished = on_finished  # type: ignore[method-assign]
+        scheduler.on_step_done = on_step  # type: ignore[method-assign]
+
+    @staticmethod
+    def of(core: EngineCore) -> HookLedger:
+        ledger = getattr(core, "_hook_ledger", None)
+        if ledger is None:
+            ledger = HookLedger(core.scheduler)
+            core._hook_ledger = ledger  # type: ignore[attr-defined]
+        return ledger
+
+    def check(self, name: str, done: dict) -> None:
+        added, finished = sorted(self.added), sorted(rid for rid, _ in self.finished)
+        if added != finished or len(set(added)) != len(added):
+            raise ConformanceError(f"{name}: lifecycle callbacks: added {added}, finished {finished}")
+        reasons = dict(self.finished)
+        for key, (_, reason) in done.items():
+            rid = key.replace("#", "\x1f")
+            # A sample aborted before it forked off its request's prompt was never added.
+            if reason is not None and rid in reasons and reasons[rid] != reason.value:
+                raise ConformanceError(
+                    f"{name}: {rid} finished {reason.value}, on_request_finished said {reasons.get(rid)}"
+                )
+
+
 def run_workload(
     core: EngineCore, arrivals: list[Arrival], name: str
 ) -> dict[str, tuple[list[int], FinishReason | None]]:
-    """Drive `core` step by step, checking limits and accounting after each step."""
+    """Drive `core` step by step, checking limits and accounting after each step, and the
+    lifecycle callbacks at the end."""
+    ledger = HookLedger.of(core)
+    ledger.added, ledger.finished, ledger.steps = [], [], []
     pending = sorted(arrivals, key=lambda a: a.step)
     aborts: dict[str, int] = {}
     tokens: dict[str, list[int]] = {}
     done: dict[str, tuple[list[int], FinishReason | None]] = {}
+    steps_at_start = step_count(core)
     total = sum(len(a.request.prompt) + a.request.stopping.max_new_tokens for a in arrivals)
     bound = 4 * total + max((a.step for a in arrivals), default=0) + 50
     step = idle = 0
@@ -106,7 +160,16 @@ def run_workload(
             raise ConformanceError(f"{name}: workload of {len(arrivals)} requests did not finish in {bound} steps")
     if core.blocks.num_used:
         raise ConformanceError(f"{name}: {core.blocks.num_used} KV blocks still owned after every request ended")
+    ledger.check(name, done)
+    if len(ledger.steps) != step_count(core) - steps_at_start:
+        raise ConformanceError(
+            f"{name}: {len(ledger.steps)} on_step_done calls for {step_count(core) - steps_at_start} steps"
+        )
     return done
+
+
+def step_count(core: EngineCore) -> int:
+    return core.num_steps
 
 
 def _key(out: RequestOutput) -> str:
@@ -146,7 +209,8 @@ def _arrivals(spec: list[tuple], seed: int) -> list[Arrival]:
         prompt = ((prefixes[group] if group else []) + rng.integers(4, 500, plen).tolist())[:plen]
         sampling = SamplingParams(temperature=0.8, seed=i) if sampled else SamplingParams(temperature=0)
         stopping = StoppingCriteria(max_new_tokens=new, ignore_eos=True)
-        request = GenerationRequest(prompt, sampling, stopping, request_id=f"r{i}", priority=priority)
+        tenant = "heavy" if i % 3 else "light"  # for policies that share between tenants
+        request = GenerationRequest(prompt, sampling, stopping, request_id=f"r{i}", priority=priority, tenant=tenant)
         out.append(Arrival(step, request, abort_after))
     return out
 

@@ -125,17 +125,18 @@ def structured_check(path: Path, device: str) -> dict:
 
             async def run_all(
                 engine: Engine = engine, requests: list[GenerationRequest] = requests
-            ) -> list[dict[int, list[int]]]:
-                async def one(request: GenerationRequest) -> dict[int, list[int]]:
-                    got: dict[int, list[int]] = {}
+            ) -> list[dict[int, tuple[list[int], str]]]:
+                async def one(request: GenerationRequest) -> dict[int, tuple[list[int], str]]:
+                    got: dict[int, tuple[list[int], str]] = {}
                     async for out in engine.stream(request):
-                        got.setdefault(out.index, []).extend(out.token_ids)
+                        tokens, text = got.get(out.index, ([], ""))
+                        got[out.index] = (tokens + out.token_ids, text + out.text)
                     return got
 
                 return list(await asyncio.gather(*(one(r) for r in requests)))
 
             outputs = asyncio.run(run_all())
-            texts = [engine.tokenizer.decode(t) for got in outputs[:12] for t in got.values()]
+            texts = [text for got in outputs[:12] for _, text in got.values()]
         parsed = 0
         for text in texts:
             try:

@@ -15,16 +15,34 @@ log = structlog.get_logger("tandem.auth")
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
-def load_tokens(path: str | Path) -> list[bytes]:
-    """One token per line; blank lines and #-comments are skipped. Refuses an empty file."""
-    tokens = [
-        line.strip().encode()
-        for line in Path(path).read_text().splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    if not tokens:
+def load_named_tokens(path: str | Path) -> list[tuple[str, bytes]]:
+    """One token per line, optionally after a name (`NAME TOKEN`: the tenant its requests
+    count for); blank lines and #-comments are skipped. Refuses an empty file."""
+    named = []
+    for line in Path(path).read_text().splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) > 2:
+            raise ValueError(f"--auth-token-file {path}: expected TOKEN or NAME TOKEN per line")
+        named.append(("" if len(fields) == 1 else fields[0], fields[-1].encode()))
+    if not named:
         raise ValueError(f"--auth-token-file {path}: no tokens in the file")
-    return tokens
+    return named
+
+
+def load_tokens(path: str | Path) -> list[bytes]:
+    return [token for _, token in load_named_tokens(path)]
+
+
+def token_name(metadata: object, named: list[tuple[str, bytes]]) -> str:
+    """The name of the presented token ("" if unnamed or unknown); compared in constant time
+    against every token, as the interceptor does."""
+    presented, found = presented_token(metadata), ""
+    for name, token in named:
+        if hmac.compare_digest(presented, token) and presented:
+            found = name
+    return found
 
 
 def presented_token(metadata: object) -> bytes:

@@ -237,12 +237,13 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tandem.engine import Engine
-    from tandem.service.auth import load_tokens
+    from tandem.service.auth import load_named_tokens
     from tandem.service.server import run, server_credentials
 
     scheduler = _scheduler(args)
-    tokens = load_tokens(args.auth_token_file) if args.auth_token_file else None
-    opts = from_flags(ServerOptions, args, auth_tokens=tokens)
+    named = load_named_tokens(args.auth_token_file) if args.auth_token_file else None
+    tokens = [token for _, token in named] if named else None
+    opts = from_flags(ServerOptions, args, auth_tokens=tokens, token_names=named)
     server_credentials(opts)  # bad TLS flags fail before the model loads
     if opts.otlp_endpoint:
         from tandem.service.tracing import setup_otlp

@@ -57,6 +57,7 @@ class ServerOptions:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     auth_tokens: list[bytes] | None = None  # bearer tokens; None: no authentication
+    token_names: list[tuple[str, bytes]] | None = None  # (name, token): a named token's requests are its tenant's
     log_prompts: bool = False  # prompt and output text in the logs (off: never logged)
     max_health_watches_per_peer: int = 64  # health Watch streams one client address may hold
     otlp_endpoint: str | None = None  # OpenTelemetry traces exported here (OTLP/gRPC)
@@ -140,6 +141,7 @@ def build_server(slot: EngineSlot, opts: ServerOptions) -> Server:
         on_engine_failure=not_serving,
         log_prompts=opts.log_prompts,
         scoped_aborts=bool(opts.auth_tokens),
+        token_names=[(n, t) for n, t in opts.token_names or [] if n],
     )
     pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
     vllm_grpc.add_VllmEngineServicer_to_server(VllmWorkerServicer(generation, lambda: built.serving), server)

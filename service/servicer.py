@@ -18,7 +18,7 @@ from tandem.engine import (
 )
 from tandem.engine.errors import EngineHungError
 from tandem.service import metrics, orca, tracing
-from tandem.service.auth import credential_id
+from tandem.service.auth import credential_id, token_name
 from tandem.service.convert import (
     GenerateMessage,
     api_field,
@@ -54,6 +54,9 @@ def api_names(msg: GenerateMessage) -> Callable[[str], str]:
     return lambda engine_field: api_field(engine_field, kind)
 
 
+MAX_TENANT = 128  # characters of an x-tenant-id kept
+
+
 def bad_request_id(request_id: str) -> str | None:
     """Ids are echoed as x-request-id metadata, so they must be legal header values."""
     if len(request_id) > MAX_REQUEST_ID:
@@ -85,6 +88,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         on_engine_failure: Callable[[], Awaitable[None]] | None = None,
         log_prompts: bool = False,
         scoped_aborts: bool = False,
+        token_names: list[tuple[str, bytes]] | None = None,
     ) -> None:
         self.slot = slot
         self.max_waiting = max_waiting
@@ -92,6 +96,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.log_prompts = log_prompts  # off: prompt and output text never reach the logs
         # With bearer auth on, a request may be aborted only by the credential that sent it.
         self.scoped_aborts = scoped_aborts
+        self.token_names = token_names or []  # a named bearer token's requests count for that tenant
         self._owners: dict[str, str] = {}  # request id -> credential id, while it runs
         self.rate = orca.RequestRate()
 
@@ -106,10 +111,24 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except InvalidRequestError as exc:
             await context.abort_with_status(invalid_argument(exc.field, exc.message))
         request.request_id = _request_id(msg, context)
+        self.identify(request, context)
         if problem := bad_request_id(request.request_id):
             await context.abort_with_status(invalid_argument("request_id", problem))
         await context.send_initial_metadata((("x-request-id", request.request_id),))
         return request
+
+    def identify(self, request: GenerationRequest, context: Context) -> None:
+        """The request's tenant (a named bearer token's name, else `x-tenant-id`) and deadline
+        (the RPC's), for scheduling policies that use them."""
+        metadata = context.invocation_metadata() or ()
+        tenant = token_name(metadata, self.token_names) if self.token_names else ""
+        if not tenant:
+            given = next((v for k, v in metadata if k == "x-tenant-id" and isinstance(v, str)), "")
+            tenant = given[:MAX_TENANT] if all(" " <= c <= "~" for c in given) else ""
+        request.tenant = tenant
+        remaining = context.time_remaining()
+        if remaining is not None:
+            request.deadline = time.monotonic() + remaining
 
     async def outputs(
         self, request: GenerationRequest, context: Context, field: Callable[[str], str]

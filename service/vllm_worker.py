@@ -272,6 +272,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
             request.request_id = f"vllm-{time.monotonic_ns()}"
         if problem := bad_request_id(request.request_id):
             await context.abort_with_status(invalid_argument("request_id", problem))
+        self.generation.identify(request, context)
         received = time.monotonic()
         self.generation.received(request, "vllm.Generate")
         top = request.output.logprobs and request.output.top_logprobs > 0

@@ -165,7 +165,7 @@ class FutureApi(Scheduler):
 def test_api_version_mismatch_is_refused_at_load(monkeypatch) -> None:
     ep = EntryPoint(name="future", value="test_schedulers:FutureApi", group=ENTRY_POINT_GROUP)
     monkeypatch.setattr(registry, "available_schedulers", lambda: {"future": ep})
-    with pytest.raises(SchedulerLoadError, match="targets plugin API version 99, this tandem provides 1"):
+    with pytest.raises(SchedulerLoadError, match="API version 99; this tandem provides 2 and loads 1, 2"):
         load_scheduler("future")
 
 
@@ -195,7 +195,8 @@ def test_example_plugin_runs_by_its_entry_point_name(sjf_installed: dict[str, st
     listing = subprocess.run(
         [str(tandem), "schedulers"], capture_output=True, text=True, check=True, env=sjf_installed
     ).stdout
-    assert [line.split()[0] for line in listing.splitlines()] == ["async-overlap", "fcfs", "prefill-priority", "sjf"]
+    names = [line.split()[0] for line in listing.splitlines()]
+    assert names == ["async-overlap", "fair-share", "fcfs", "prefill-priority", "priority", "sjf"]
     gen = subprocess.run(
         [
             str(tandem),

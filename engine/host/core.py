@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import structlog
@@ -26,7 +26,7 @@ from tandem.engine.host.detokenizer import IncrementalDetokenizer, Tokenizer
 from tandem.engine.host.grammar import Grammars, GrammarState, allocate_masks, fill_masks
 from tandem.engine.host.kv_accounting import KVAccounting
 from tandem.engine.host.queues import RequestQueues
-from tandem.engine.host.scheduling import Scheduler, StepContext
+from tandem.engine.host.scheduling import Scheduler, StepContext, StepReport, view_of
 from tandem.engine.host.sequence import SeqStatus, Sequence, sample_key
 from tandem.engine.request import (
     FinishReason,
@@ -63,6 +63,9 @@ class _Launched:
     seqs: list[Sequence]  # the step's rows, in order
     sampled: list[tuple[Sequence, int]]  # per sampled row: the sequence and its placeholder's index
     grammar: tuple[GrammarMasks, list[GrammarState]] | None = None  # masks to fill once tokens are known
+    rows: list[tuple[Sequence, int]] = field(default_factory=list)  # what the scheduler chose: (seq, tokens)
+    step_index: int = 0
+    launched_at: float = 0.0
 
 
 class EngineCore:
@@ -133,6 +136,7 @@ class EngineCore:
 
     def add(self, seq: Sequence) -> None:
         self.queues.add(seq)
+        self.scheduler.on_request_added(view_of(seq, self.kv))
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Finish every sample of a request still running as aborted (none: unknown or finished)."""
@@ -215,6 +219,7 @@ class EngineCore:
             self.config.max_num_seqs,
             self.num_steps,
             self.scheduler.name or type(self.scheduler).__name__,
+            self.scheduler,
         )
         self.scheduler.schedule(ctx)
         chosen = [(view._seq, n) for view, n in ctx.scheduled]
@@ -242,7 +247,8 @@ class EngineCore:
                 # until the step completes, so its full blocks still reach the prefix cache.
                 self.queues.drain(seq)
         seqs = [seq for seq, _ in chosen] + [seq for group in samplers for seq in group[1:]]
-        return _Launched(handle, seqs, sampled, grammar if grammar and not grammar[0].ready.is_set() else None)
+        pending = grammar if grammar and not grammar[0].ready.is_set() else None
+        return _Launched(handle, seqs, sampled, pending, chosen, self.num_steps, started)
 
     def _fork(self, seq: Sequence, row: StepRow, copies: list[tuple[int, int]]) -> list[Sequence]:
         """The other samples of `seq`'s request, as this step completes its prompt: they share
@@ -255,7 +261,7 @@ class EngineCore:
         full, partial = divmod(seq.num_prompt, self.kv.block_size)
         if partial and len(followers) > self.kv.blocks.num_free:
             for follower in followers:
-                self.queues.add(follower)
+                self.add(follower)
             return []
         shared = seq.block_table[:full]
         for follower in followers:
@@ -268,6 +274,7 @@ class EngineCore:
             follower.num_computed = seq.num_prompt
             follower.num_cached_tokens = seq.num_cached_tokens
             self.queues.add_running(follower, seq.queue_seconds)
+            self.scheduler.on_request_added(view_of(follower, self.kv))
             row.forks.append(self._sample_spec(follower))
         return followers
 
@@ -317,6 +324,8 @@ class EngineCore:
             if seq.status is not SeqStatus.FINISHED:  # a stop earlier in this loop can't end it, but be exact
                 outputs.append(self._on_token(seq, choice, index - seq.num_prompt + 1, seq.request_id in refused))
         self.stats.output_seconds += time.perf_counter() - started
+        rows = [(view_of(seq, self.kv), n) for seq, n in launched.rows]
+        self.scheduler.on_step_done(StepReport(launched.step_index, rows, time.perf_counter() - launched.launched_at))
         return outputs
 
     def _row(self, seq: Sequence, n: int) -> StepRow:
@@ -349,6 +358,7 @@ class EngineCore:
         """Stop checks, detokenization and the output for `seq`'s `count`-th token. `refused`:
         its grammar refused the token (only where a mask left no token at all)."""
         token = choice.token_id
+        seq.last_token_time = time.monotonic()
         if seq.logprobs is not None:
             # The batch computes the largest top-N any row asked for; each gets its own N.
             assert choice.logprob is not None, "a step computes logprobs when any row asks for them"
@@ -384,7 +394,9 @@ class EngineCore:
         # NOTE: in overlap mode a step still in flight may write these blocks. Freeing them
         # now is safe: only later steps can reuse them, and the device runs steps in order.
         self.kv.release(seq)
-        return self._finished_output(seq, reason, tokens, lps)
+        out = self._finished_output(seq, reason, tokens, lps)
+        self.scheduler.on_request_finished(view_of(seq, self.kv), reason.value)
+        return out
 
     def _finished_output(
         self, seq: Sequence, reason: FinishReason, tokens: list[int], lps: list[TokenLogprob] | None = None

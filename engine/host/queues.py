@@ -60,6 +60,7 @@ class RequestQueues:
         """Running -> waiting at its arrival place (a preemption); it keeps its generated tokens."""
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
+        seq.waiting_since = time.monotonic()
         seq.num_preemptions += 1
         self.num_preemptions += 1
         keys = [s.arrival for s in self.waiting]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar, NoReturn
 
@@ -25,7 +26,8 @@ from tandem.engine.host.kv_accounting import KVAccounting
 from tandem.engine.host.queues import RequestQueues
 from tandem.engine.host.sequence import SeqStatus, Sequence
 
-API_VERSION = 1
+API_VERSION = 2
+SUPPORTED_API_VERSIONS = (1, 2)  # version 1 plugins load unchanged: every version 2 addition has a default
 
 
 class SchedulerError(TandemError):
@@ -53,6 +55,35 @@ class Scheduler(ABC):
     @abstractmethod
     def schedule(self, ctx: StepContext) -> None:
         """Decide this step through `ctx.schedule` and `ctx.preempt`."""
+
+    # -- API version 2: optional hooks, each with a default --------------------------------------
+    def select_victim(self, ctx: StepContext, candidates: list[RequestView]) -> RequestView:
+        """Which of `candidates` (running, not scheduled this step, in admission order) to
+        preempt when KV runs short; the building blocks ask through `ctx.choose_victim`.
+        Default: the most recently admitted."""
+        return candidates[-1]
+
+    def on_request_added(self, request: RequestView) -> None:
+        """A request arrived (it is waiting); called on the engine thread before the next step."""
+        return None
+
+    def on_request_finished(self, request: RequestView, reason: str) -> None:
+        """A request left for good: its finish reason (`length`, `eos`, `stop_token`,
+        `stop_string`, or `aborted`). Its view still reads its last state."""
+        return None
+
+    def on_step_done(self, report: StepReport) -> None:
+        """A step's tokens reached the host: what ran and how long it took."""
+        return None
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One completed step, for `Scheduler.on_step_done`."""
+
+    step_index: int
+    rows: list[tuple[RequestView, int]]  # what ran, and how many tokens of each
+    seconds: float  # from its launch until its tokens were on the host
 
 
 class RequestView:
@@ -137,6 +168,28 @@ class RequestView:
     def num_preemptions(self) -> int:
         return self._seq.num_preemptions
 
+    # -- API version 2 ---------------------------------------------------------------------
+    @property
+    def tenant(self) -> str:
+        """Who sent it (the service's `x-tenant-id`, or the bearer token's name); "" if unknown."""
+        return self._seq.request.tenant
+
+    @property
+    def deadline(self) -> float | None:
+        """time.monotonic() by which its first token is due (the RPC's deadline), or None."""
+        return self._seq.request.deadline
+
+    @property
+    def waiting_seconds(self) -> float:
+        """Seconds since it last started waiting (arrival or its latest preemption); 0 while running."""
+        return 0.0 if self.is_running else time.monotonic() - self._seq.waiting_since
+
+    @property
+    def since_last_token(self) -> float | None:
+        """Seconds since its latest token reached the host (None before the first)."""
+        last = self._seq.last_token_time
+        return None if last is None else time.monotonic() - last
+
 
 class StepContext:
     """What one step may use, and the only way to spend it. It sees the request queues, the
@@ -150,10 +203,12 @@ class StepContext:
         max_num_seqs: int,
         step_index: int,
         plugin: str,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self._queues = queues
         self._kv = kv
         self._plugin = plugin
+        self._scheduler = scheduler
         self._max_num_seqs = max_num_seqs
         self.token_budget = max_batch_tokens  # tokens left this step
         self.seq_budget = max_num_seqs  # sequences left this step
@@ -232,6 +287,17 @@ class StepContext:
         self.scheduled.append((request, num_tokens))
         self._scheduled_ids.add(request.request_id)
 
+    def choose_victim(self, candidates: list[RequestView]) -> RequestView:
+        """The scheduler's `select_victim` among `candidates`, checked to be one of them."""
+        if not candidates:
+            self._refuse("choose_victim needs at least one candidate")
+        if self._scheduler is None:
+            return candidates[-1]
+        victim = self._scheduler.select_victim(self, list(candidates))
+        if not any(victim is c for c in candidates):
+            self._refuse(f"select_victim returned {victim!r}, not one of the candidates")
+        return victim
+
     def preempt(self, request: RequestView) -> None:
         """Free a running request's KV blocks; it waits again and recomputes later."""
         seq = self._seq(request)
@@ -243,10 +309,7 @@ class StepContext:
         self._kv.release(seq)
 
     def _view(self, seq: Sequence) -> RequestView:
-        # One view per request for its whole life: plugins may compare views by identity.
-        if seq.view is None:
-            seq.view = RequestView(seq, self._kv)
-        return seq.view
+        return view_of(seq, self._kv)
 
     def _seq(self, request: RequestView) -> Sequence:
         if not isinstance(request, RequestView) or request._kv is not self._kv:
@@ -258,3 +321,11 @@ class StepContext:
 
     def _refuse(self, message: str) -> NoReturn:
         raise SchedulerError(self._plugin, message)
+
+
+def view_of(seq: Sequence, kv: KVAccounting) -> RequestView:
+    """The request's view. NOTE: one per request for its whole life: plugins may compare views
+    by identity, and key their own state by them."""
+    if seq.view is None:
+        seq.view = RequestView(seq, kv)
+    return seq.view

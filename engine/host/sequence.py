@@ -60,6 +60,8 @@ class Sequence:
             [] if request.output.logprobs or request.output.top_logprobs else None
         )
         self.num_preemptions = 0
+        self.waiting_since = arrival_time  # arrival, or its latest preemption
+        self.last_token_time: float | None = None
         self.grammar: GrammarState | None = None  # structured output: consumed every output token so far
         # n samples of one prompt: `request_id` is unique per sample (sample_key), outputs go
         # out under the caller's id with the sample's index.

@@ -1,0 +1,171 @@
+"""The priority and fair-share policies and plugin API version 2, through a real engine core."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import small_core
+from tandem.engine.request import GenerationRequest, SamplingParams, StoppingCriteria
+from tandem.schedulers import SUPPORTED_API_VERSIONS, Scheduler, SchedulerLoadError, load_scheduler
+from tandem.schedulers.registry import load_class
+from tandem.schedulers.testing import check_scheduler
+
+
+def _request(rid: str, prompt_len: int = 8, new: int = 6, priority: int = 0, tenant: str = "") -> GenerationRequest:
+    seed = sum(map(ord, rid))  # not hash(): that changes per process
+    prompt = [4 + (seed * 7 + i * 13) % 400 for i in range(prompt_len)]
+    stop = StoppingCriteria(max_new_tokens=new, ignore_eos=True)
+    return GenerationRequest(
+        prompt, SamplingParams(temperature=0), stop, request_id=rid, priority=priority, tenant=tenant
+    )
+
+
+def _first_token_steps(core, requests: list[GenerationRequest], late: dict[str, int] | None = None) -> dict[str, int]:
+    """Run to completion; the step at which each request got its first token."""
+    late = late or {}
+    pending = [r for r in requests if r.request_id not in late]
+    for r in pending:
+        core.add(core.make_sequence(r))
+    first: dict[str, int] = {}
+    step = 0
+    while core.has_work() or any(at >= step for at in late.values()):
+        for r in requests:
+            if late.get(r.request_id or "") == step:
+                core.add(core.make_sequence(r))
+        for out in core.step():
+            first.setdefault(out.request_id, step)
+        core.check_invariants()
+        step += 1
+        assert step < 500
+    return first
+
+
+@pytest.mark.parametrize("name", ["priority", "fair-share"])
+def test_the_new_policies_pass_the_conformance_kit(name: str) -> None:
+    report = check_scheduler(lambda: load_scheduler(name), max_examples=30)
+    assert report.preemptions > 0
+
+
+def test_priority_admits_higher_levels_first() -> None:
+    core = small_core(64, max_num_seqs=2, scheduler="priority")
+    try:
+        requests = [_request(f"low{i}", priority=0) for i in range(4)] + [_request("high", priority=5)]
+        first = _first_token_steps(core, requests)
+    finally:
+        core.close()
+    assert first["high"] <= min(first[f"low{i}"] for i in range(4))
+
+
+def test_a_waiting_high_priority_request_preempts_lower_ones_for_kv() -> None:
+    # 12 blocks of 4: two low-priority requests of 8 + 14 tokens hold 10 blocks when the
+    # high-priority one (needs 6) arrives: it must preempt, not wait for them to finish.
+    core = small_core(12, max_num_seqs=4, scheduler="priority")
+    try:
+        low = [_request(f"low{i}", prompt_len=8, new=14, priority=0) for i in range(2)]
+        high = _request("high", prompt_len=8, new=14, priority=3)
+        first = _first_token_steps(core, low + [high], late={"high": 4})
+        preempted = core.num_preemptions
+    finally:
+        core.close()
+    assert preempted > 0
+    assert first["high"] <= 6  # admitted on arrival (step 4), not after the low ones finish
+
+
+def test_aging_lets_low_priority_through() -> None:
+    policy = load_scheduler("priority", {"aging_s": "0.000001"})
+    assert policy.aging_s == 1e-6  # type: ignore[attr-defined]
+    with pytest.raises(SchedulerLoadError):
+        load_scheduler("priority", {"aging_s": "-1"})
+
+
+def test_fair_share_serves_the_light_tenant_before_the_heavy_backlog() -> None:
+    core = small_core(64, max_num_seqs=2, scheduler="fair-share")
+    try:
+        heavy = [_request(f"h{i}", tenant="heavy") for i in range(8)]
+        light = [_request(f"l{i}", tenant="light") for i in range(2)]
+        first = _first_token_steps(core, heavy + light, late={"l0": 2, "l1": 2})
+        counters = dict(core.scheduler.counters)  # type: ignore[attr-defined]
+    finally:
+        core.close()
+    # Under fcfs the light tenant would wait for all eight heavy requests.
+    assert max(first["l0"], first["l1"]) < max(first[f"h{i}"] for i in range(8))
+    assert set(counters) == {"heavy", "light"} and counters["heavy"] > counters["light"] > 0
+
+
+def test_fair_share_counters_converge_when_both_tenants_are_backlogged() -> None:
+    core = small_core(128, max_num_seqs=4, scheduler="fair-share")
+    try:
+        both = [_request(f"{t}{i}", new=8, tenant=t) for i in range(10) for t in ("a", "b")]
+        _first_token_steps(core, both)
+        counters = core.scheduler.counters  # type: ignore[attr-defined]
+    finally:
+        core.close()
+    assert abs(counters["a"] - counters["b"]) <= 0.1 * max(counters.values())
+
+
+def test_fair_share_weights() -> None:
+    policy = load_scheduler("fair-share", {"weights": "gold:3,silver:1.5"})
+    assert policy.weights == {"gold": 3.0, "silver": 1.5}  # type: ignore[attr-defined]
+    with pytest.raises(SchedulerLoadError):
+        load_scheduler("fair-share", {"weights": "gold"})
+
+
+def test_api_version_1_plugins_still_load_and_unknown_versions_do_not() -> None:
+    from tandem.schedulers.fcfs import Fcfs
+
+    assert SUPPORTED_API_VERSIONS == (1, 2)
+
+    class WrittenForVersion1(Fcfs):  # a version 1 plugin: schedule() only, no hooks
+        name = "v1"
+        api_version = 1
+
+    from tandem.schedulers.registry import check_class as check
+
+    assert check("v1", WrittenForVersion1) is WrittenForVersion1
+    assert check_scheduler(WrittenForVersion1, max_examples=5).requests > 0
+
+    class Future(Scheduler):
+        name = "future"
+        api_version = 3
+
+        def schedule(self, ctx) -> None:
+            pass
+
+    from tandem.schedulers.registry import check_class
+
+    with pytest.raises(SchedulerLoadError, match="API version 3"):
+        check_class("future", Future)
+    assert check_class("fcfs", load_class("fcfs")).name == "fcfs"
+
+
+def test_a_victim_outside_the_candidates_is_refused() -> None:
+    from tandem.engine.host.scheduling import SchedulerError
+    from tandem.schedulers import continue_running
+    from tandem.schedulers.fcfs import Fcfs
+
+    class Rogue(Fcfs):
+        name = "rogue"
+        api_version = 2
+
+        def select_victim(self, ctx, candidates):
+            others = [r for r, _ in ctx.scheduled] + ctx.waiting  # real requests, none a candidate
+            return others[0]
+
+        def schedule(self, ctx) -> None:
+            continue_running(ctx)
+            for req in ctx.waiting:
+                if ctx.fits(req, min(req.remaining, ctx.token_budget)):
+                    ctx.schedule(req, min(req.remaining, ctx.token_budget))
+
+    from tandem.engine import EngineConfig
+    from tandem.engine.engine import build_core
+
+    core = build_core(EngineConfig(model="tiny-llama", block_size=4, kv_blocks=8, max_batch_tokens=64), Rogue())[0]
+    try:
+        for i in range(3):
+            core.add(core.make_sequence(_request(f"r{i}", prompt_len=8, new=8)))
+        with pytest.raises(SchedulerError, match="not one of the candidates"):
+            for _ in range(40):
+                core.step()
+    finally:
+        core.close()
