@@ -19,7 +19,13 @@ from tandem.engine.config import CPU_DEFAULT_KV_GB, EngineConfig
 from tandem.engine.device.executor import Executor
 from tandem.engine.device.executor_worker import WorkerExecutor
 from tandem.engine.device.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
-from tandem.engine.errors import EngineBusyError, EngineDeadError, EngineHungError, InvalidRequestError
+from tandem.engine.errors import (
+    EngineBusyError,
+    EngineDeadError,
+    EngineHungError,
+    InvalidRequestError,
+    RequestRejectedError,
+)
 from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.core import EngineCore
 from tandem.engine.host.kv_events import KvEventLog
@@ -421,7 +427,7 @@ class Engine:
         if sink is None:
             return
         try:
-            sink(out)
+            sink(RequestRejectedError(*out.rejected) if out.rejected else out)
         except Exception as exc:  # noqa: BLE001 - a broken consumer must not stop the engine
             log.warning("sink_failed", request_id=out.request_id, error=repr(exc))
             if not out.finished:

@@ -38,3 +38,12 @@ class EngineBusyError(TandemError):
     def __init__(self, max_waiting: int) -> None:
         super().__init__(f"{max_waiting} requests are already waiting (--max-waiting); retry later")
         self.max_waiting = max_waiting
+
+
+class RequestRejectedError(TandemError):
+    """The scheduling policy refused the request before running it (`ctx.reject`): `kind`
+    "deadline" (it cannot meet its deadline) or "overload"."""
+
+    def __init__(self, policy: str, kind: str, reason: str) -> None:
+        super().__init__(f"scheduler '{policy}' refused the request: {reason}")
+        self.policy, self.kind, self.reason = policy, kind, reason

@@ -149,6 +149,7 @@ class RequestOutput:
     queue_seconds: float | None = None  # from receipt to first admission, once admitted
     stop: str | int | None = None  # on finish: the stop string or stop/EOS token id that ended it
     index: int = 0  # which of the request's n samples this is (`finished`: this sample finished)
+    rejected: tuple[str, str, str] | None = None  # (policy, kind, reason) when a policy refused it
 
 
 @dataclass

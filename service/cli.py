@@ -297,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_args(serve)
     # Listed for --help; main() hands `tandem bench ...` to tandem.bench, which has its own flags.
     sub.add_parser("bench", help="benchmarks against transformers (needs the 'bench' extra)", add_help=False)
+    sub.add_parser("sim", help="a scheduler on the engine core in simulated time; `sim calibrate`", add_help=False)
     sub.add_parser("models", help="list the built-in model presets").set_defaults(func=cmd_models)
     sub.add_parser("schedulers", help="list the installed scheduler plugins").set_defaults(func=cmd_schedulers)
     return parser
@@ -306,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
+    if argv[:1] == ["sim"]:
+        from tandem.bench.sim_cli import main as sim_main  # only here: serving never imports bench code
+
+        return sim_main(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "verbose", False), getattr(args, "log_format", "console"))
     try:

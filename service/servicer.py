@@ -16,7 +16,7 @@ from tandem.engine import (
     InvalidRequestError,
     RequestOutput,
 )
-from tandem.engine.errors import EngineHungError
+from tandem.engine.errors import EngineHungError, RequestRejectedError
 from tandem.service import metrics, orca, tracing
 from tandem.service.auth import credential_id, token_name
 from tandem.service.convert import (
@@ -145,6 +145,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             async for out in engine.stream(request, self.max_waiting):
                 yield out
         except EngineBusyError as exc:
+            await context.abort_with_status(resource_exhausted(str(exc), retry_after_s=1.0))
+        except RequestRejectedError as exc:  # the policy's call: it would miss its deadline, or overload
+            if exc.kind == "deadline":
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
             await context.abort_with_status(resource_exhausted(str(exc), retry_after_s=1.0))
         except InvalidRequestError as exc:
             await context.abort_with_status(invalid_argument(field(exc.field), exc.message))

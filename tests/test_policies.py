@@ -40,7 +40,7 @@ def _first_token_steps(core, requests: list[GenerationRequest], late: dict[str, 
     return first
 
 
-@pytest.mark.parametrize("name", ["priority", "fair-share"])
+@pytest.mark.parametrize("name", ["priority", "fair-share", "deadline"])
 def test_the_new_policies_pass_the_conformance_kit(name: str) -> None:
     report = check_scheduler(lambda: load_scheduler(name), max_examples=30)
     assert report.preemptions > 0
@@ -169,3 +169,117 @@ def test_a_victim_outside_the_candidates_is_refused() -> None:
                 core.step()
     finally:
         core.close()
+
+
+def test_deadline_admits_earliest_deadline_first() -> None:
+    import time
+
+    core = small_core(64, max_num_seqs=1, scheduler="deadline")
+    try:
+        now = time.monotonic()
+        requests = [_request(f"d{i}") for i in range(3)]
+        for r, due in zip(requests, (30.0, 10.0, 20.0)):
+            r.deadline = now + due
+        first = _first_token_steps(core, requests)
+    finally:
+        core.close()
+    assert first["d1"] < first["d2"] < first["d0"]
+
+
+def test_deadline_refuses_what_cannot_make_it_and_serves_the_rest() -> None:
+    import time
+
+    core = small_core(256, max_num_seqs=4, max_batch_tokens=16, scheduler="deadline")
+    core.scheduler.refuse_late = True  # type: ignore[attr-defined]
+    try:
+        backlog = [_request(f"b{i}", prompt_len=60, new=4) for i in range(6)]
+        for r in backlog:
+            core.add(core.make_sequence(r))
+        for _ in range(3):
+            core.step()  # the policy measures the prefill rate
+        assert core.scheduler.tokens_per_s  # type: ignore[attr-defined]
+        hopeless = _request("hopeless", prompt_len=60)
+        hopeless.deadline = time.monotonic() + 1e-4  # far less than 300 queued tokens take
+        easy = _request("easy", prompt_len=4)
+        easy.deadline = time.monotonic() + 3600
+        core.add(core.make_sequence(hopeless))
+        core.add(core.make_sequence(easy))
+        outs = []
+        while core.has_work():
+            outs += core.step()
+    finally:
+        core.close()
+    [refused] = [o for o in outs if o.request_id == "hopeless"]
+    assert refused.finished and refused.rejected and refused.rejected[1] == "deadline"
+    assert "after its deadline" in refused.rejected[2]
+    assert any(o.request_id == "easy" and o.finished and not o.rejected for o in outs)
+
+
+def test_a_rejected_request_surfaces_as_an_error_from_the_engine() -> None:
+    import asyncio
+
+    from tandem.engine.errors import RequestRejectedError
+    from tandem.schedulers.fcfs import Fcfs
+
+    class RejectAll(Fcfs):
+        name = "reject-all"
+        api_version = 2
+
+        def schedule(self, ctx) -> None:
+            for req in ctx.waiting:
+                ctx.reject(req, "closed for the test", kind="overload")
+
+    from tandem.engine import Engine, EngineConfig
+
+    with Engine(EngineConfig(model="tiny-llama"), RejectAll()) as eng:
+
+        async def run() -> None:
+            async for _ in eng.stream(_request("x")):
+                pass
+
+        with pytest.raises(RequestRejectedError) as info:
+            asyncio.run(run())
+        assert info.value.kind == "overload" and "closed for the test" in str(info.value)
+        assert eng.core.blocks.num_used == 0 and not eng.core.has_work()
+
+
+def test_the_service_refuses_with_deadline_exceeded_what_would_miss_its_deadline() -> None:
+    import signal
+    import threading
+    import time
+
+    import grpc
+
+    from helpers import replica_load, start_server
+    from tandem.v1 import generation_pb2 as pb
+    from tandem.v1 import generation_pb2_grpc as pb_grpc
+
+    proc, target = start_server(
+        "--model", "tiny-llama", "--scheduler", "deadline", "--scheduler-opt", "refuse_late=true",
+        "--max-batch-tokens", "32",
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            backlog = pb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=[5 + i % 400 for i in range(900)]),
+                stopping=pb.StoppingCriteria(max_new_tokens=4, ignore_eos=True),
+            )
+            threads = [threading.Thread(target=stub.Generate, args=(backlog,), daemon=True) for _ in range(24)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while replica_load(target).running == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)  # steps are running: the policy has measured its prefill rate
+            time.sleep(0.1)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(backlog, timeout=0.5)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "refused the request" in (err.value.details() or ""), err.value.details()
+            for t in threads:
+                t.join(120)
+            easy = stub.Generate(pb.GenerateRequest(text="fine", stopping=pb.StoppingCriteria(max_new_tokens=2)))
+            assert len(easy.token_ids) >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

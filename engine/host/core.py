@@ -21,6 +21,7 @@ from tandem.engine.device.batch import StepBatch, StepRow
 from tandem.engine.device.executor import Executor, StepHandle, TokenChoice
 from tandem.engine.device.placeholders import placeholder
 from tandem.engine.device.sampling import GrammarMasks, SampleSpec
+from tandem.engine.host import clock
 from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.detokenizer import IncrementalDetokenizer, Tokenizer
 from tandem.engine.host.grammar import Grammars, GrammarState, allocate_masks, fill_masks
@@ -95,6 +96,7 @@ class EngineCore:
         self.num_steps = 0
         self.last_step: list[tuple[str, int]] = []  # (request id, tokens) of the latest step
         self.stats = CoreStats()
+        self._rejected: list[RequestOutput] = []  # requests a policy refused, reported with the next outputs
         self.grammars = Grammars(tokenizer, limits.vocab_size, eos_token_ids)
 
     # -- requests --------------------------------------------------------------------------
@@ -115,7 +117,7 @@ class EngineCore:
         validate_n(request, self.limits)
         request_id = request.request_id or uuid.uuid4().hex
         prompt_ids = np.asarray(ids, dtype=np.int64)
-        arrival = time.monotonic()
+        arrival = clock.now()
         samples = [self._sample(request, request_id, i, prompt_ids, arrival) for i in range(request.n)]
         samples[0].followers = samples[1:]
         return samples[0]
@@ -189,10 +191,11 @@ class EngineCore:
             done, self._inflight = self._inflight, launched
         else:
             done = launched
+        rejected, self._rejected = self._rejected, []
         if done is None:
-            return []
+            return rejected
         try:
-            return self._complete(done)
+            return rejected + self._complete(done)
         except BaseException:
             self.release_masks()  # the in-flight step must not wait for masks that will never come
             raise
@@ -222,6 +225,10 @@ class EngineCore:
             self.scheduler,
         )
         self.scheduler.schedule(ctx)
+        for view, kind, reason in ctx.rejected:
+            for out in self.abort(view._seq.parent_id):
+                out.rejected = (ctx._plugin, kind, reason)
+                self._rejected.append(out)
         chosen = [(view._seq, n) for view, n in ctx.scheduled]
         self.last_step = [(seq.request_id, n) for seq, n in chosen]
         if not chosen:
@@ -358,7 +365,7 @@ class EngineCore:
         """Stop checks, detokenization and the output for `seq`'s `count`-th token. `refused`:
         its grammar refused the token (only where a mask left no token at all)."""
         token = choice.token_id
-        seq.last_token_time = time.monotonic()
+        seq.last_token_time = clock.now()
         if seq.logprobs is not None:
             # The batch computes the largest top-N any row asked for; each gets its own N.
             assert choice.logprob is not None, "a step computes logprobs when any row asks for them"

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import time
 from collections import deque
 
 from tandem.engine.errors import InvalidRequestError
+from tandem.engine.host import clock
 from tandem.engine.host.sequence import SeqStatus, Sequence
 
 
@@ -52,7 +52,7 @@ class RequestQueues:
         """Waiting -> running; the first admission ends its queueing time."""
         self.waiting.remove(seq)
         if seq.queue_seconds is None:
-            seq.queue_seconds = time.monotonic() - seq.arrival_time
+            seq.queue_seconds = clock.now() - seq.arrival_time
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
@@ -60,7 +60,7 @@ class RequestQueues:
         """Running -> waiting at its arrival place (a preemption); it keeps its generated tokens."""
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
-        seq.waiting_since = time.monotonic()
+        seq.waiting_since = clock.now()
         seq.num_preemptions += 1
         self.num_preemptions += 1
         keys = [s.arrival for s in self.waiting]

@@ -14,7 +14,6 @@ The public face of this module for plugin authors is the `tandem.schedulers` pac
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from types import MappingProxyType
 from typing import ClassVar, NoReturn
 
 from tandem.engine.errors import TandemError
+from tandem.engine.host import clock
 from tandem.engine.host.kv_accounting import KVAccounting
 from tandem.engine.host.queues import RequestQueues
 from tandem.engine.host.sequence import SeqStatus, Sequence
@@ -182,13 +182,13 @@ class RequestView:
     @property
     def waiting_seconds(self) -> float:
         """Seconds since it last started waiting (arrival or its latest preemption); 0 while running."""
-        return 0.0 if self.is_running else time.monotonic() - self._seq.waiting_since
+        return 0.0 if self.is_running else clock.now() - self._seq.waiting_since
 
     @property
     def since_last_token(self) -> float | None:
         """Seconds since its latest token reached the host (None before the first)."""
         last = self._seq.last_token_time
-        return None if last is None else time.monotonic() - last
+        return None if last is None else clock.now() - last
 
 
 class StepContext:
@@ -213,9 +213,10 @@ class StepContext:
         self.token_budget = max_batch_tokens  # tokens left this step
         self.seq_budget = max_num_seqs  # sequences left this step
         self.scheduled: list[tuple[RequestView, int]] = []
+        self.rejected: list[tuple[RequestView, str, str]] = []  # (request, kind, reason)
         self._scheduled_ids: set[str] = set()
         self.step_index = step_index
-        self.now = time.monotonic()
+        self.now = clock.now()
 
     # -- what the scheduler sees -----------------------------------------------------------
     @property
@@ -262,6 +263,8 @@ class StepContext:
         seq = self._seq(request)
         if request.request_id in self._scheduled_ids:
             self._refuse(f"request {request.request_id!r} is already scheduled this step")
+        if any(r is request for r, _, _ in self.rejected):
+            self._refuse(f"request {request.request_id!r} was rejected this step")
         if not isinstance(num_tokens, int) or num_tokens < 1:
             self._refuse(f"token count for {request.request_id!r} must be a positive integer, got {num_tokens!r}")
         num_tokens = min(num_tokens, request.remaining)
@@ -286,6 +289,18 @@ class StepContext:
         self.seq_budget -= 1
         self.scheduled.append((request, num_tokens))
         self._scheduled_ids.add(request.request_id)
+
+    def reject(self, request: RequestView, reason: str, kind: str = "deadline") -> None:
+        """Refuse a waiting request instead of running it: it ends at once, and its caller gets
+        DEADLINE_EXCEEDED (`kind` "deadline") or RESOURCE_EXHAUSTED ("overload") with `reason`."""
+        self._seq(request)
+        if request.is_running:
+            self._refuse(f"cannot reject {request.request_id!r}: it is running (preempt it instead)")
+        if kind not in ("deadline", "overload"):
+            self._refuse(f"reject kind must be 'deadline' or 'overload', got {kind!r}")
+        if any(r is request for r, _, _ in self.rejected):
+            self._refuse(f"{request.request_id!r} is already rejected this step")
+        self.rejected.append((request, kind, reason))
 
     def choose_victim(self, candidates: list[RequestView]) -> RequestView:
         """The scheduler's `select_victim` among `candidates`, checked to be one of them."""

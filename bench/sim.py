@@ -1,0 +1,200 @@
+"""`tandem sim`: a scheduler plugin on the real engine core, in virtual time, without the model.
+
+The core (queues, KV accounting, prefix cache, scheduling interface, stop checks) is the real
+one; the executor is simulated: each step takes what a cost model fitted on the real executor
+says (engine/device/simulated.py) and samples random tokens. Requests arrive as `tandem bench
+serve` sends them (the same workloads, Poisson arrivals, concurrency cap), and the report has
+the same figures, computed on the virtual clock. `tandem sim calibrate` fits the cost model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tandem.bench.serve import Record, arrival_offsets, summarize
+from tandem.bench.workloads import Workload, make
+from tandem.engine.config import EngineConfig
+from tandem.engine.device.simulated import FEATURES, CostModel, SimulatedExecutor
+from tandem.engine.host import clock
+from tandem.engine.host.block_manager import BlockManager
+from tandem.engine.host.core import EngineCore
+from tandem.engine.model.loader import context_length, resolve_path
+from tandem.engine.request import GenerationRequest, ModelLimits, RequestLimits, SamplingParams, StoppingCriteria
+from tandem.schedulers import load_scheduler
+
+CALIBRATIONS = Path(__file__).parent / "data"  # shipped: the presets on this project's CPU machine
+
+
+def calibration_path(model: str, device: str = "cpu") -> Path:
+    return CALIBRATIONS / f"calibration-{Path(model).name}-{device}.json"
+
+
+@dataclass
+class VirtualClock:
+    t: float = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def simulated_core(model: str, scheduler: str, options: dict[str, str], cost: CostModel, seed: int = 0):
+    """An engine core over the simulated executor, reading time from a new virtual clock."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_path(model)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)  # as LoadedModel holds it
+    vc = VirtualClock()
+    clock.use(vc.now)
+    vocab = int(config.get_text_config().vocab_size)
+    executor = SimulatedExecutor(cost, vocab, vc.advance, seed)
+    blocks = BlockManager(cost.kv_blocks, cost.block_size)
+    limits = ModelLimits(vocab, context_length(config), blocks.num_blocks * cost.block_size, requests=RequestLimits())
+    eos = tuple(i for i in {config.eos_token_id, tokenizer.eos_token_id} if isinstance(i, int))
+    engine_config = EngineConfig(model=model, block_size=cost.block_size, kv_blocks=cost.kv_blocks)
+    core = EngineCore(executor, blocks, tokenizer, limits, eos, load_scheduler(scheduler, options), engine_config)
+    return core, vc
+
+
+def simulate(
+    model: str,
+    scheduler: str,
+    work: Workload,
+    rate: float,
+    concurrency: int | None,
+    cost: CostModel,
+    seed: int = 0,
+    options: dict[str, str] | None = None,
+    tenants: list[str] | None = None,
+) -> dict:
+    """Run the workload through the core in virtual time; `tandem bench serve`'s figures."""
+    core, vc = simulated_core(model, scheduler, options or {}, cost, seed)
+    try:
+        offsets = arrival_offsets(len(work.prompts), rate, seed)
+        records = [Record(len(p)) for p in work.prompts]
+        sent: dict[int, float] = {}
+        last: dict[int, float] = {}
+        pending = list(range(len(records)))
+        in_flight = 0
+        started = time.perf_counter()
+        while pending or core.has_work():
+            while pending and offsets[pending[0]] <= vc.t and (concurrency is None or in_flight < concurrency):
+                i = pending.pop(0)
+                greedy = SamplingParams(temperature=0)
+                stop = StoppingCriteria(max_new_tokens=work.output_lens[i], ignore_eos=True)
+                tenant = tenants[i] if tenants else ""
+                request = GenerationRequest(work.prompts[i], greedy, stop, request_id=str(i), tenant=tenant)
+                core.add(core.make_sequence(request))
+                sent[i] = vc.t
+                in_flight += 1
+            if not core.has_work():
+                vc.t = max(vc.t, offsets[pending[0]])  # idle until the next arrival
+                continue
+            for out in core.step():
+                i, rec = int(out.request_id), records[int(out.request_id)]
+                if out.token_ids:
+                    if rec.ttft is None:
+                        rec.ttft = vc.t - sent[i]
+                    else:
+                        rec.itl.append(vc.t - last[i])
+                    last[i] = vc.t
+                    rec.output_tokens += len(out.token_ids)
+                if out.finished:
+                    rec.e2e = vc.t - sent[i]
+                    in_flight -= 1
+        report = summarize(records, vc.t - min(sent.values()))
+        report["preemptions"] = core.num_preemptions
+        report["simulated_seconds"] = vc.t
+        report["wall_seconds"] = time.perf_counter() - started
+        if tenants:
+            report["tenants"] = _per_tenant(records, tenants)
+        return report
+    finally:
+        clock.use(None)
+
+
+def _per_tenant(records: list[Record], tenants: list[str]) -> dict:
+    out = {}
+    total = sum(r.output_tokens for r in records) or 1
+    for tenant in sorted(set(tenants)):
+        mine = [r for r, t in zip(records, tenants) if t == tenant]
+        ttft = sorted(r.ttft for r in mine if r.ttft is not None)
+        out[tenant] = {
+            "requests": len(mine),
+            "token_share": sum(r.output_tokens for r in mine) / total,
+            "ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)) if ttft else None,
+            "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)) if ttft else None,
+        }
+    return out
+
+
+def calibrate(model: str, device: str | None = None, requests: int = 96, seed: int = 0) -> CostModel:
+    """Fit the cost model on the real engine: a varied workload (the `chat` shapes, arriving in
+    bursts so steps mix prefill chunks and decode rows of every size) through the real core,
+    one (features, wall seconds) pair per step, least squares; the fit is judged on a held-out
+    fifth of the steps."""
+    from tandem.engine.device.executor import StepTrace
+    from tandem.engine.engine import build_core
+
+    core, loaded = build_core(EngineConfig(model=model, device=device), load_scheduler("fcfs"))
+    try:
+        trace: list[StepTrace] = []
+        core.executor.stats.trace = trace
+        work = make("chat", loaded.vocab_size, seed, requests)
+        rng = np.random.default_rng(seed)
+        samples: list[tuple[list[float], float]] = []
+        order = list(range(len(work.prompts)))
+        core.add(core.make_sequence(_request(work, 0)))  # warm-up
+        while core.has_work():
+            core.step()
+        trace.clear()
+        while order or core.has_work():
+            for i in order[: int(rng.integers(0, 6))] if order else []:  # bursts of 0-5 arrivals
+                core.add(core.make_sequence(_request(work, i)))
+                order.remove(i)
+            if not core.has_work():
+                continue
+            start = time.perf_counter()
+            core.step()
+            seconds = time.perf_counter() - start
+            if trace:
+                t = trace.pop()
+                features = [1.0, t.tokens, t.decode_rows, t.attended_keys / 1e3, t.sampled_rows]
+                samples.append((features, seconds))
+        x = np.array([f for f, _ in samples])
+        y = np.array([s for _, s in samples])
+        held = np.arange(len(y)) % 5 == 4
+        coef = np.linalg.lstsq(x[~held], y[~held], rcond=None)[0]
+        err = np.abs(x[held] @ coef - y[held]) / y[held]
+        fit = {
+            "steps": len(y),
+            "held_out_steps": int(held.sum()),
+            "mean_abs_error": float(err.mean()),
+            "p90_abs_error": float(np.percentile(err, 90)),
+            "median_step_ms": 1e3 * statistics.median(y.tolist()),
+            "features": list(FEATURES),
+        }
+        return CostModel(
+            tuple(float(c) for c in coef),
+            model=model,
+            device=str(loaded.device),
+            kv_blocks=core.blocks.num_blocks,
+            block_size=core.blocks.block_size,
+            fit=fit,
+        )
+    finally:
+        core.close()
+
+
+def _request(work: Workload, i: int) -> GenerationRequest:
+    stop = StoppingCriteria(max_new_tokens=work.output_lens[i], ignore_eos=True)
+    return GenerationRequest(work.prompts[i][:1024], SamplingParams(temperature=0), stop, request_id=f"cal{i}")

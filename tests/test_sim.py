@@ -1,0 +1,65 @@
+"""tandem sim: the real core in virtual time over a cost model fitted on the real executor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tandem.bench.sim import calibrate, calibration_path, simulate
+from tandem.bench.sim_cli import tenants_for
+from tandem.bench.workloads import make
+from tandem.engine.device.simulated import FEATURES, CostModel
+
+
+@pytest.fixture(scope="module")
+def cost() -> CostModel:
+    return CostModel.load(calibration_path("tiny-llama"))
+
+
+def test_calibration_fits_and_reports_its_error(tmp_path: Path) -> None:
+    fitted = calibrate("tiny-llama", "cpu", requests=16)
+    assert len(fitted.coefficients) == len(FEATURES) and fitted.kv_blocks > 0
+    assert fitted.fit["steps"] > 20 and 0 <= fitted.fit["mean_abs_error"] < 10
+    fitted.save(tmp_path / "c.json")
+    assert CostModel.load(tmp_path / "c.json") == fitted
+
+
+def test_the_same_seed_gives_the_same_report(cost: CostModel) -> None:
+    work = make("chat", 512, 0, 24)
+    runs = [simulate("tiny-llama", "fcfs", work, 40.0, None, cost, seed=3) for _ in range(2)]
+    for r in runs:
+        r.pop("wall_seconds")
+    assert runs[0] == runs[1] and runs[0]["completed"] == 24
+    other = simulate("tiny-llama", "fcfs", work, 40.0, None, cost, seed=4)
+    assert other["ttft_ms"] != runs[0]["ttft_ms"]  # another arrival draw
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "options"), [("priority", {}), ("fair-share", {}), ("deadline", {"ttft_s": "0.5"})]
+)
+def test_every_policy_runs_in_the_simulator(cost: CostModel, scheduler: str, options: dict) -> None:
+    work = make("chat", 512, 1, 32)
+    tenants = tenants_for("heavy:5,light:1", 32, 1)
+    report = simulate("tiny-llama", scheduler, work, float("inf"), None, cost, options=options, tenants=tenants)
+    assert report["completed"] == 32 and not report["errors"]
+    assert set(report["tenants"]) == {"heavy", "light"}
+    assert report["simulated_seconds"] > 0
+
+
+def test_cli(tmp_path: Path) -> None:
+    tandem = Path(sys.executable).parent / "tandem"
+    out = tmp_path / "sim.json"
+    run = subprocess.run(
+        [str(tandem), "sim", "--model", "tiny-llama", "--requests", "16", "--rate", "20", "inf", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert [r["rate"] for r in report["runs"]] == [20.0, float("inf")]
+    assert "TTFT p50/p99" in run.stdout
