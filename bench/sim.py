@@ -170,29 +170,67 @@ def calibrate(model: str, device: str | None = None, requests: int = 96, seed: i
                 t = trace.pop()
                 features = [1.0, t.tokens, t.decode_rows, t.attended_keys / 1e3, t.sampled_rows]
                 samples.append((features, seconds))
-        x = np.array([f for f, _ in samples])
-        y = np.array([s for _, s in samples])
-        held = np.arange(len(y)) % 5 == 4
-        coef = np.linalg.lstsq(x[~held], y[~held], rcond=None)[0]
-        err = np.abs(x[held] @ coef - y[held]) / y[held]
-        fit = {
-            "steps": len(y),
-            "held_out_steps": int(held.sum()),
-            "mean_abs_error": float(err.mean()),
-            "p90_abs_error": float(np.percentile(err, 90)),
-            "median_step_ms": 1e3 * statistics.median(y.tolist()),
-            "features": list(FEATURES),
-        }
+        coef, fit = fit_steps(samples)
+        fit["how"] = "in-process: the engine core alone on the device"
         return CostModel(
-            tuple(float(c) for c in coef),
-            model=model,
-            device=str(loaded.device),
-            kv_blocks=core.blocks.num_blocks,
-            block_size=core.blocks.block_size,
-            fit=fit,
-        )
+            coef, model=model, device=str(loaded.device), kv_blocks=core.blocks.num_blocks,
+            block_size=core.blocks.block_size, fit=fit,
+        )  # fmt: skip
     finally:
         core.close()
+
+
+def fit_steps(samples: list[tuple[list[float], float]]) -> tuple[tuple[float, ...], dict]:
+    """Least squares over (features, seconds); judged on a held-out fifth of the steps."""
+    x = np.array([f for f, _ in samples])
+    y = np.array([s for _, s in samples])
+    held = np.arange(len(y)) % 5 == 4
+    coef = np.linalg.lstsq(x[~held], y[~held], rcond=None)[0]
+    err = np.abs(x[held] @ coef - y[held]) / y[held]
+    fit = {
+        "steps": len(y),
+        "held_out_steps": int(held.sum()),
+        "mean_abs_error": float(err.mean()),
+        "p90_abs_error": float(np.percentile(err, 90)),
+        "median_step_ms": 1e3 * statistics.median(y.tolist()),
+        "features": list(FEATURES),
+    }
+    return tuple(float(c) for c in coef), fit
+
+
+def calibrate_serving(
+    model: str, requests: int = 96, rates: tuple[float, ...] = (1.5, 4.0), seed: int = 0
+) -> CostModel:
+    """Fit the cost model on a real `tandem serve` under `tandem bench serve`'s load (the chat
+    workload at `rates`): its steps share the machine with the gRPC server and the load
+    generator, as they do when the simulation is compared with that benchmark."""
+    import asyncio
+    import json
+    import tempfile
+
+    import grpc
+    from transformers import AutoConfig
+
+    from tandem.bench.serve import LocalServer, run_load
+    from tandem.v1 import info_pb2, info_pb2_grpc
+
+    vocab = AutoConfig.from_pretrained(resolve_path(model)).get_text_config().vocab_size
+    work = make("chat", vocab, seed, requests)
+    samples: list[tuple[list[float], float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "steps.jsonl"
+        with LocalServer(model, "fcfs", ["--step-trace", str(trace)]) as server:
+            for rate in rates:
+                asyncio.run(run_load(server.target, work, rate, None, seed))
+            with grpc.insecure_channel(server.target) as channel:
+                info = info_pb2_grpc.InfoServiceStub(channel).GetServerInfo(info_pb2.GetServerInfoRequest(), timeout=30)
+        for line in trace.read_text().splitlines():
+            s = json.loads(line)
+            features = [1.0, s["tokens"], s["decode_rows"], s["attended_keys"] / 1e3, s["sampled_rows"]]
+            samples.append((features, s["wall_seconds"]))
+    coef, fit = fit_steps(samples)
+    fit["how"] = f"tandem serve under tandem bench serve's chat load at {', '.join(map(str, rates))} req/s"
+    return CostModel(coef, model=model, device="cpu", kv_blocks=info.kv_blocks, block_size=info.block_size, fit=fit)
 
 
 def _request(work: Workload, i: int) -> GenerationRequest:

@@ -72,9 +72,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from tandem.bench.sim import calibrate, calibration_path
+    from tandem.bench.sim import calibrate, calibrate_serving, calibration_path
 
-    cost = calibrate(args.model, args.device, args.requests, args.seed)
+    if args.serve:
+        cost = calibrate_serving(args.model, args.requests, tuple(float(r) for r in args.rates), args.seed)
+    else:
+        cost = calibrate(args.model, args.device, args.requests, args.seed)
     out = Path(args.out) if args.out else calibration_path(args.model, cost.device.split(":")[0])
     cost.save(out)
     fit = cost.fit
@@ -105,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     cal.add_argument("--requests", type=int, default=96, help="requests of the chat workload to time")
     cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument(
+        "--serve", action="store_true", help="time a real `tandem serve` under bench-serve load (CPU) instead"
+    )
+    cal.add_argument("--rates", nargs="+", default=["1.5", "4"], help="with --serve: the load's request rates")
     cal.add_argument("--out", default=None, help="where to save it (default: tandem/bench/data/)")
     cal.set_defaults(func=cmd_calibrate)
     return parser

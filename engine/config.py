@@ -31,6 +31,10 @@ class EngineConfig:
     seed: int = 0  # for requests that carry no seed of their own
     limits: RequestLimits = field(default_factory=RequestLimits)  # per-request bounds (server flags)
     step_timeout_s: float | None = None  # a step running longer marks the engine hung (watchdog)
+    # Append each step's shape and wall time to this file, one JSON object per line (what
+    # `tandem sim calibrate --serve` fits). Synchronous schedulers: under overlap a step's
+    # wall time covers another step's work.
+    step_trace: str | None = None
 
     def validate(self) -> None:
         if self.block_size < 1:

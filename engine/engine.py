@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import queue
 import threading
 import time
@@ -11,7 +12,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
+from typing import IO
 
 import structlog
 
@@ -318,6 +320,16 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
+        trace = open(self.config.step_trace, "a") if self.config.step_trace else None
+        if trace is not None:
+            self.core.executor.stats.trace = []
+        try:
+            self._run(trace)
+        finally:
+            if trace is not None:
+                trace.close()
+
+    def _run(self, trace: IO[str] | None) -> None:
         while True:
             taken = 0
             try:
@@ -336,7 +348,7 @@ class Engine:
             if not self.core.has_work():
                 self._publish(taken)
                 continue
-            self._step_started = time.monotonic()
+            self._step_started = started = time.monotonic()
             try:
                 outputs = self.core.step()
             except BaseException as exc:  # noqa: BLE001 - every request must hear of it
@@ -344,12 +356,22 @@ class Engine:
                 return
             finally:
                 self._step_started = None
+            if trace is not None:
+                self._trace(trace, time.monotonic() - started)
             if self._dead is not None:  # the watchdog gave up on this step meanwhile
                 return
             self._count(outputs)
             self._publish(taken)
             for out in outputs:
                 self._deliver(out)
+
+    def _trace(self, out: IO[str], seconds: float) -> None:
+        steps = self.core.executor.stats.trace
+        assert steps is not None, "tracing turns the executor's step trace on"
+        for step in steps:
+            out.write(json.dumps({**asdict(step), "wall_seconds": seconds}) + "\n")
+        steps.clear()
+        out.flush()
 
     def _watchdog(self) -> None:
         """Fail every request if one step runs past step_timeout_s: a wedged device or kernel

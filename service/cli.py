@@ -46,6 +46,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     field_flag(
         g, E, "enable_prefix_caching", "--no-prefix-caching", action="store_false", help="turn prefix caching off"
     )
+    field_flag(g, E, "step_trace", metavar="FILE", help="append each step's shape and wall time (JSON lines)")
     g.add_argument("--scheduler", default="fcfs", help="scheduling policy (see `tandem schedulers`)")
     g.add_argument(
         "--scheduler-opt",

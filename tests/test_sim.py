@@ -63,3 +63,16 @@ def test_cli(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert [r["rate"] for r in report["runs"]] == [20.0, float("inf")]
     assert "TTFT p50/p99" in run.stdout
+
+
+def test_the_engine_writes_a_step_trace(tmp_path: Path) -> None:
+    from tandem.engine import Engine, EngineConfig, SamplingParams, StoppingCriteria
+    from tandem.schedulers import load_scheduler
+
+    path = tmp_path / "steps.jsonl"
+    with Engine(EngineConfig(model="tiny-llama", step_trace=str(path)), load_scheduler("fcfs")) as eng:
+        eng.generate([[5, 6, 7, 8]] * 3, SamplingParams(temperature=0), StoppingCriteria(4, ignore_eos=True))
+        steps = eng.core.executor.stats.steps
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == steps == 4
+    assert lines[0]["tokens"] == 12 and lines[1]["decode_rows"] == 3 and all(s["wall_seconds"] > 0 for s in lines)
