@@ -54,7 +54,6 @@ def simulated_core(model: str, scheduler: str, options: dict[str, str], cost: Co
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)  # as LoadedModel holds it
     vc = VirtualClock()
-    clock.use(vc.now)
     vocab = int(config.get_text_config().vocab_size)
     executor = SimulatedExecutor(cost, vocab, vc.advance, seed)
     blocks = BlockManager(cost.kv_blocks, cost.block_size)
@@ -62,6 +61,7 @@ def simulated_core(model: str, scheduler: str, options: dict[str, str], cost: Co
     eos = tuple(i for i in {config.eos_token_id, tokenizer.eos_token_id} if isinstance(i, int))
     engine_config = EngineConfig(model=model, block_size=cost.block_size, kv_blocks=cost.kv_blocks)
     core = EngineCore(executor, blocks, tokenizer, limits, eos, load_scheduler(scheduler, options), engine_config)
+    clock.use(vc.now)  # last: nothing above can fail and leave the process on virtual time
     return core, vc
 
 
