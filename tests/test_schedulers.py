@@ -196,7 +196,7 @@ def test_example_plugin_runs_by_its_entry_point_name(sjf_installed: dict[str, st
         [str(tandem), "schedulers"], capture_output=True, text=True, check=True, env=sjf_installed
     ).stdout
     names = [line.split()[0] for line in listing.splitlines()]
-    assert names == ["async-overlap", "fair-share", "fcfs", "prefill-priority", "priority", "sjf"]
+    assert names == ["async-overlap", "deadline", "fair-share", "fcfs", "prefill-priority", "priority", "sjf"]
     gen = subprocess.run(
         [
             str(tandem),
