@@ -41,12 +41,31 @@ class Record:
     itl: list[float] = field(default_factory=list)
     e2e: float | None = None
     error: str | None = None  # the gRPC status code's name
+    tenant: str = ""  # sent as x-tenant-id
+    priority: int = 0
+    deadline_s: float | None = None  # sent as ttft_target_s: when the first token is due
 
     @property
     def tpot(self) -> float | None:
         if self.e2e is None or self.ttft is None or self.output_tokens < 2:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Who sends each request (for the scheduling policies' figures): tenants, priorities and a
+    deadline, each drawn per request from `"name:share,..."`-style proportions."""
+
+    tenants: list[str] | None = None
+    priorities: list[int] | None = None
+    deadline_s: float | None = None
+
+    def apply(self, records: list[Record]) -> None:
+        for i, r in enumerate(records):
+            r.tenant = self.tenants[i] if self.tenants else ""
+            r.priority = self.priorities[i] if self.priorities else 0
+            r.deadline_s = self.deadline_s
 
 
 def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
@@ -62,10 +81,13 @@ async def _one(stub, prompt: list[int], max_new: int, record: Record) -> None:
         token_ids=pb.TokenIds(ids=prompt),
         sampling=pb.SamplingParams(temperature=0),
         stopping=pb.StoppingCriteria(max_new_tokens=max_new, ignore_eos=True),
+        priority=record.priority,
+        ttft_target_s=record.deadline_s,
     )
+    metadata = (("x-tenant-id", record.tenant),) if record.tenant else None
     start = last = time.perf_counter()
     try:
-        async for resp in stub.GenerateStream(req):
+        async for resp in stub.GenerateStream(req, metadata=metadata):
             now = time.perf_counter()
             if not resp.token_ids:
                 continue
@@ -81,11 +103,19 @@ async def _one(stub, prompt: list[int], max_new: int, record: Record) -> None:
 
 
 async def run_load(
-    target: str, work: Workload, rate: float, concurrency: int | None, seed: int = 0, label: str = ""
+    target: str,
+    work: Workload,
+    rate: float,
+    concurrency: int | None,
+    seed: int = 0,
+    label: str = "",
+    mix: Mix | None = None,
 ) -> tuple[list[Record], float]:
     """Send the workload; returns one record per request and the wall time from first send to last reply."""
     offsets = arrival_offsets(len(work.prompts), rate, seed)
     records = [Record(len(p)) for p in work.prompts]
+    if mix is not None:
+        mix.apply(records)
     gate = asyncio.Semaphore(concurrency) if concurrency else None
     async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
@@ -369,3 +399,24 @@ def bench_serve(
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def by_group(records: list[Record], key: str, deadline_s: float | None = None) -> dict:
+    """Per tenant or priority (`key`): requests, share of output tokens, TTFT p50/p99 of the
+    completed, and with a deadline the fraction whose first token came within it."""
+    total = sum(r.output_tokens for r in records) or 1
+    out = {}
+    for group in sorted({getattr(r, key) for r in records}):
+        mine = [r for r in records if getattr(r, key) == group]
+        ttft = [r.ttft for r in mine if r.ttft is not None and r.error is None]
+        row = {
+            "requests": len(mine),
+            "token_share": sum(r.output_tokens for r in mine) / total,
+            "ttft_ms": _stats(ttft),
+            "errors": sum(r.error is not None for r in mine),
+        }
+        if deadline_s is not None:
+            met = sum(r.error is None and r.ttft is not None and r.ttft <= deadline_s for r in mine)
+            row["met_deadline"] = met / len(mine)
+        out[str(group)] = row
+    return out

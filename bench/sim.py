@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tandem.bench.serve import Record, arrival_offsets, summarize
+from tandem.bench.serve import Mix, Record, arrival_offsets, summarize
 from tandem.bench.workloads import Workload, make
 from tandem.engine.config import EngineConfig
 from tandem.engine.device.simulated import FEATURES, CostModel, SimulatedExecutor
@@ -46,7 +46,9 @@ class VirtualClock:
         self.t += seconds
 
 
-def simulated_core(model: str, scheduler: str, options: dict[str, str], cost: CostModel, seed: int = 0):
+def simulated_core(
+    model: str, scheduler: str, options: dict[str, str], cost: CostModel, seed: int = 0, max_num_seqs: int = 64
+):
     """An engine core over the simulated executor, reading time from a new virtual clock."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -59,7 +61,9 @@ def simulated_core(model: str, scheduler: str, options: dict[str, str], cost: Co
     blocks = BlockManager(cost.kv_blocks, cost.block_size)
     limits = ModelLimits(vocab, context_length(config), blocks.num_blocks * cost.block_size, requests=RequestLimits())
     eos = tuple(i for i in {config.eos_token_id, tokenizer.eos_token_id} if isinstance(i, int))
-    engine_config = EngineConfig(model=model, block_size=cost.block_size, kv_blocks=cost.kv_blocks)
+    engine_config = EngineConfig(
+        model=model, block_size=cost.block_size, kv_blocks=cost.kv_blocks, max_num_seqs=max_num_seqs
+    )
     core = EngineCore(executor, blocks, tokenizer, limits, eos, load_scheduler(scheduler, options), engine_config)
     clock.use(vc.now)  # last: nothing above can fail and leave the process on virtual time
     return core, vc
@@ -74,13 +78,16 @@ def simulate(
     cost: CostModel,
     seed: int = 0,
     options: dict[str, str] | None = None,
-    tenants: list[str] | None = None,
+    mix: Mix | None = None,
+    max_num_seqs: int = 64,
 ) -> dict:
     """Run the workload through the core in virtual time; `tandem bench serve`'s figures."""
-    core, vc = simulated_core(model, scheduler, options or {}, cost, seed)
+    core, vc = simulated_core(model, scheduler, options or {}, cost, seed, max_num_seqs)
     try:
         offsets = arrival_offsets(len(work.prompts), rate, seed)
         records = [Record(len(p)) for p in work.prompts]
+        if mix is not None:
+            mix.apply(records)
         sent: dict[int, float] = {}
         last: dict[int, float] = {}
         pending = list(range(len(records)))
@@ -91,8 +98,12 @@ def simulate(
                 i = pending.pop(0)
                 greedy = SamplingParams(temperature=0)
                 stop = StoppingCriteria(max_new_tokens=work.output_lens[i], ignore_eos=True)
-                tenant = tenants[i] if tenants else ""
-                request = GenerationRequest(work.prompts[i], greedy, stop, request_id=str(i), tenant=tenant)
+                rec = records[i]
+                request = GenerationRequest(
+                    work.prompts[i], greedy, stop, request_id=str(i), priority=rec.priority, tenant=rec.tenant
+                )
+                if rec.deadline_s is not None:
+                    request.deadline = vc.t + rec.deadline_s
                 core.add(core.make_sequence(request))
                 sent[i] = vc.t
                 in_flight += 1
@@ -101,6 +112,10 @@ def simulate(
                 continue
             for out in core.step():
                 i, rec = int(out.request_id), records[int(out.request_id)]
+                if out.rejected:  # what the service would answer with a status
+                    rec.error = "DEADLINE_EXCEEDED" if out.rejected[1] == "deadline" else "RESOURCE_EXHAUSTED"
+                    in_flight -= 1
+                    continue
                 if out.token_ids:
                     if rec.ttft is None:
                         rec.ttft = vc.t - sent[i]
@@ -115,8 +130,9 @@ def simulate(
         report["preemptions"] = core.num_preemptions
         report["simulated_seconds"] = vc.t
         report["wall_seconds"] = time.perf_counter() - started
-        if tenants:
-            report["tenants"] = _per_tenant(records, tenants)
+        if mix is not None and mix.tenants:
+            report["tenants"] = _per_tenant(records, mix.tenants)
+        report["records"] = records
         return report
     finally:
         clock.use(None)

@@ -42,6 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     vocab = AutoConfig.from_pretrained(resolve_path(args.model)).get_text_config().vocab_size
     work = make(args.workload, vocab, args.seed, args.requests)
     tenants = tenants_for(args.tenants, len(work.prompts), args.seed)
+    from tandem.bench.serve import Mix
+
     report = {"model": args.model, "workload": args.workload, "calibration": str(path), "runs": []}
     for rate in args.rate:
         r = simulate(
@@ -53,8 +55,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             cost,
             args.seed,
             parse_options(args.scheduler_opt),
-            tenants,
+            Mix(tenants=tenants),
         )
+        r.pop("records")
         r["rate"] = float(rate)
         report["runs"].append(r)
         ttft, itl = r["ttft_ms"], r["itl_ms"]

@@ -9,10 +9,12 @@ from tandem.schedulers.building_blocks import admit_waiting, continue_running
 
 
 class Deadline(Scheduler):
-    """Waiting requests are admitted earliest deadline first (the RPC's deadline, or arrival +
-    `ttft_s` when that is set; requests with neither come last, first come first served),
-    before running ones continue. Short of KV, requests that already have their first token
-    are preempted first (newest first), then the latest deadline.
+    """Waiting requests are admitted earliest deadline first (`ttft_target_s`, else the RPC's
+    deadline, else arrival + `ttft_s` when that is set; requests with none come last, first
+    come first served), before running ones continue; if a running request has been left out
+    `max_decode_stall` steps in a row, running ones go first that step. Short of KV, requests
+    that already have their first token are preempted first (newest first), then the latest
+    deadline.
 
     With `refuse_late`, a waiting request whose first token cannot come before its deadline at
     the prefill rate measured over recent steps (the tokens queued ahead of it in deadline
@@ -22,10 +24,14 @@ class Deadline(Scheduler):
     name = "deadline"
     api_version = 2
 
-    def __init__(self, ttft_s: float = 0.0, refuse_late: bool = False, margin: float = 1.0) -> None:
-        if ttft_s < 0 or margin <= 0:
-            raise ValueError("ttft_s must be >= 0 and margin > 0")
+    def __init__(
+        self, ttft_s: float = 0.0, refuse_late: bool = False, margin: float = 1.0, max_decode_stall: int = 4
+    ) -> None:
+        if ttft_s < 0 or margin <= 0 or max_decode_stall < 1:
+            raise ValueError("ttft_s must be >= 0, margin > 0 and max_decode_stall >= 1")
         self.ttft_s, self.refuse_late, self.margin = ttft_s, refuse_late, margin
+        self.max_decode_stall = max_decode_stall
+        self._stalled = 0
         self.tokens_per_s: float | None = None  # computed tokens per second, smoothed over steps
 
     def due(self, request: RequestView) -> float:
@@ -46,8 +52,15 @@ class Deadline(Scheduler):
         waiting = sorted(ctx.waiting, key=lambda r: (self.due(r), r.arrival_index))
         if self.refuse_late and self.tokens_per_s:
             waiting = self._refuse_late(ctx, waiting)
-        admit_waiting(ctx, waiting)
-        continue_running(ctx, sorted(ctx.running, key=lambda r: (self.due(r), r.arrival_index)))
+        running = sorted(ctx.running, key=lambda r: (self.due(r), r.arrival_index))
+        if self._stalled >= self.max_decode_stall:  # running requests were left out: they go first
+            if not continue_running(ctx, running):
+                admit_waiting(ctx, waiting)
+        else:
+            admit_waiting(ctx, waiting)
+            continue_running(ctx, running)
+        left_out = any(r.is_running and not ctx.is_scheduled(r) for r in ctx.running)
+        self._stalled = self._stalled + 1 if left_out else 0
 
     def _refuse_late(self, ctx: StepContext, waiting: list[RequestView]) -> list[RequestView]:
         assert self.tokens_per_s

@@ -112,6 +112,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await context.abort_with_status(invalid_argument(exc.field, exc.message))
         request.request_id = _request_id(msg, context)
         self.identify(request, context)
+        if msg.HasField("ttft_target_s"):
+            if not msg.ttft_target_s > 0:
+                await context.abort_with_status(invalid_argument("ttft_target_s", "must be > 0 seconds"))
+            request.deadline = time.monotonic() + msg.ttft_target_s
         if problem := bad_request_id(request.request_id):
             await context.abort_with_status(invalid_argument("request_id", problem))
         await context.send_initial_metadata((("x-request-id", request.request_id),))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tandem.bench.serve import Mix
 from tandem.bench.sim import calibrate, calibration_path, simulate
 from tandem.bench.sim_cli import tenants_for
 from tandem.bench.workloads import make
@@ -33,6 +34,7 @@ def test_the_same_seed_gives_the_same_report(cost: CostModel) -> None:
     runs = [simulate("tiny-llama", "fcfs", work, 40.0, None, cost, seed=3) for _ in range(2)]
     for r in runs:
         r.pop("wall_seconds")
+        r.pop("records")
     assert runs[0] == runs[1] and runs[0]["completed"] == 24
     other = simulate("tiny-llama", "fcfs", work, 40.0, None, cost, seed=4)
     assert other["ttft_ms"] != runs[0]["ttft_ms"]  # another arrival draw
@@ -44,7 +46,7 @@ def test_the_same_seed_gives_the_same_report(cost: CostModel) -> None:
 def test_every_policy_runs_in_the_simulator(cost: CostModel, scheduler: str, options: dict) -> None:
     work = make("chat", 512, 1, 32)
     tenants = tenants_for("heavy:5,light:1", 32, 1)
-    report = simulate("tiny-llama", scheduler, work, float("inf"), None, cost, options=options, tenants=tenants)
+    report = simulate("tiny-llama", scheduler, work, float("inf"), None, cost, options=options, mix=Mix(tenants))
     assert report["completed"] == 32 and not report["errors"]
     assert set(report["tenants"]) == {"heavy", "light"}
     assert report["simulated_seconds"] > 0
