@@ -272,8 +272,11 @@ def test_the_service_refuses_with_deadline_exceeded_what_would_miss_its_deadline
             while replica_load(target).running == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)  # steps are running: the policy has measured its prefill rate
             time.sleep(0.1)
+            hurried = pb.GenerateRequest()
+            hurried.CopyFrom(backlog)
+            hurried.ttft_target_s = 0.005  # its own 900-token prefill alone takes longer
             with pytest.raises(grpc.RpcError) as err:
-                stub.Generate(backlog, timeout=0.5)
+                stub.Generate(hurried, timeout=60)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "refused the request" in (err.value.details() or ""), err.value.details()
             for t in threads:

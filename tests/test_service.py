@@ -98,6 +98,7 @@ def test_tokenize(stub, offline) -> None:
         (dict(token_ids=pb.TokenIds(ids=[5, 99999])), "token_ids.ids"),
         (dict(text="hi", stopping=pb.StoppingCriteria(max_new_tokens=0)), "stopping.max_new_tokens"),
         (dict(text="hi", sampling=pb.SamplingParams(temperature=-1)), "sampling.temperature"),
+        (dict(text="hi", ttft_target_s=-1.0), "ttft_target_s"),
     ],
 )
 def test_bad_requests_get_invalid_argument_naming_the_field(stub, request_kwargs, field) -> None:
