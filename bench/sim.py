@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tandem.bench.serve import Mix, Record, arrival_offsets, summarize
+from tandem.bench.serve import Mix, Record, arrival_offsets, by_group, summarize
 from tandem.bench.workloads import Workload, make
 from tandem.engine.config import EngineConfig
 from tandem.engine.device.simulated import FEATURES, CostModel, SimulatedExecutor
@@ -131,26 +131,11 @@ def simulate(
         report["simulated_seconds"] = vc.t
         report["wall_seconds"] = time.perf_counter() - started
         if mix is not None and mix.tenants:
-            report["tenants"] = _per_tenant(records, mix.tenants)
+            report["tenants"] = by_group(records, "tenant")
         report["records"] = records
         return report
     finally:
         clock.use(None)
-
-
-def _per_tenant(records: list[Record], tenants: list[str]) -> dict:
-    out = {}
-    total = sum(r.output_tokens for r in records) or 1
-    for tenant in sorted(set(tenants)):
-        mine = [r for r, t in zip(records, tenants) if t == tenant]
-        ttft = sorted(r.ttft for r in mine if r.ttft is not None)
-        out[tenant] = {
-            "requests": len(mine),
-            "token_share": sum(r.output_tokens for r in mine) / total,
-            "ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)) if ttft else None,
-            "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)) if ttft else None,
-        }
-    return out
 
 
 def calibrate(model: str, device: str | None = None, requests: int = 96, seed: int = 0) -> CostModel:

@@ -67,8 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{r['preemptions']} preemptions ({r['simulated_seconds']:.1f} s simulated in {r['wall_seconds']:.1f} s)"
         )
         for tenant, t in (r.get("tenants") or {}).items():
+            ttft = t["ttft_ms"]
             print(f"  tenant {tenant}: {t['requests']} requests, token share {t['token_share']:.1%}, "
-                  f"TTFT p50/p99 {t['ttft_p50_ms']:.0f}/{t['ttft_p99_ms']:.0f} ms")  # fmt: skip
+                  f"TTFT p50/p99 {ttft['p50'] or 0:.0f}/{ttft['p99'] or 0:.0f} ms")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

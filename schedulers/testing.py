@@ -124,7 +124,7 @@ def run_workload(
     aborts: dict[str, int] = {}
     tokens: dict[str, list[int]] = {}
     done: dict[str, tuple[list[int], FinishReason | None]] = {}
-    steps_at_start = step_count(core)
+    steps_at_start = core.num_steps
     total = sum(len(a.request.prompt) + a.request.stopping.max_new_tokens for a in arrivals)
     bound = 4 * total + max((a.step for a in arrivals), default=0) + 50
     step = idle = 0
@@ -161,15 +161,11 @@ def run_workload(
     if core.blocks.num_used:
         raise ConformanceError(f"{name}: {core.blocks.num_used} KV blocks still owned after every request ended")
     ledger.check(name, done)
-    if len(ledger.steps) != step_count(core) - steps_at_start:
+    if len(ledger.steps) != core.num_steps - steps_at_start:
         raise ConformanceError(
-            f"{name}: {len(ledger.steps)} on_step_done calls for {step_count(core) - steps_at_start} steps"
+            f"{name}: {len(ledger.steps)} on_step_done calls for {core.num_steps - steps_at_start} steps"
         )
     return done
-
-
-def step_count(core: EngineCore) -> int:
-    return core.num_steps
 
 
 def _key(out: RequestOutput) -> str:
