@@ -44,6 +44,12 @@ class Record:
     tenant: str = ""  # sent as x-tenant-id
     priority: int = 0
     deadline_s: float | None = None  # sent as ttft_target_s: when the first token is due
+    # For `tandem sim calibrate --serve`: when it was sent and its first token came (this
+    # process's perf_counter: CLOCK_MONOTONIC on Linux, the server's clock too), and the
+    # server's own account of its time waiting in the engine's queue.
+    sent_at: float | None = None
+    first_at: float | None = None
+    queue_s: float | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -85,14 +91,17 @@ async def _one(stub, prompt: list[int], max_new: int, record: Record) -> None:
         ttft_target_s=record.deadline_s,
     )
     metadata = (("x-tenant-id", record.tenant),) if record.tenant else None
-    start = last = time.perf_counter()
+    start = last = record.sent_at = time.perf_counter()
     try:
         async for resp in stub.GenerateStream(req, metadata=metadata):
             now = time.perf_counter()
+            if resp.timings.total_seconds:  # the last response
+                record.queue_s = resp.timings.queue_seconds
             if not resp.token_ids:
                 continue
             if record.ttft is None:
                 record.ttft = now - start
+                record.first_at = now
             else:
                 record.itl.append(now - last)
             last = now

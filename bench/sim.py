@@ -9,6 +9,7 @@ the same figures, computed on the virtual clock. `tandem sim calibrate` fits the
 
 from __future__ import annotations
 
+import heapq
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import numpy as np
 from tandem.bench.serve import Mix, Record, arrival_offsets, by_group, summarize
 from tandem.bench.workloads import Workload, make
 from tandem.engine.config import EngineConfig
-from tandem.engine.device.simulated import FEATURES, CostModel, SimulatedExecutor
+from tandem.engine.device.simulated import FEATURES, CostModel, Overheads, SimulatedExecutor
 from tandem.engine.host import clock
 from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.core import EngineCore
@@ -29,6 +30,8 @@ from tandem.engine.request import GenerationRequest, ModelLimits, RequestLimits,
 from tandem.schedulers import load_scheduler
 
 CALIBRATIONS = Path(__file__).parent / "data"  # shipped: the presets on this project's CPU machine
+NOISE_QUANTILES = 101  # of real less fitted step time, kept in the calibration
+BUSY_GAP_S = 0.02  # a gap between two steps longer than this: the engine had nothing to do
 
 
 def calibration_path(model: str, device: str = "cpu") -> Path:
@@ -83,50 +86,54 @@ def simulate(
 ) -> dict:
     """Run the workload through the core in virtual time; `tandem bench serve`'s figures."""
     core, vc = simulated_core(model, scheduler, options or {}, cost, seed, max_num_seqs)
+    o = cost.overheads
     try:
         offsets = arrival_offsets(len(work.prompts), rate, seed)
         records = [Record(len(p)) for p in work.prompts]
         if mix is not None:
             mix.apply(records)
-        sent: dict[int, float] = {}
-        last: dict[int, float] = {}
-        pending = list(range(len(records)))
-        in_flight = 0
+        sent: dict[int, float] = {}  # when the client sent it
+        last: dict[int, float] = {}  # when its latest tokens reached the client
+        pending = list(range(len(records)))  # not sent yet
+        ready: list[tuple[float, int]] = []  # sent: (when it reaches the engine's queue, index)
+        releases: list[float] = []  # when finished requests freed their client slots
+        in_flight, end = 0, 0.0
         started = time.perf_counter()
-        while pending or core.has_work():
+        while pending or ready or core.has_work():
             while pending and offsets[pending[0]] <= vc.t and (concurrency is None or in_flight < concurrency):
                 i = pending.pop(0)
-                greedy = SamplingParams(temperature=0)
-                stop = StoppingCriteria(max_new_tokens=work.output_lens[i], ignore_eos=True)
-                rec = records[i]
-                request = GenerationRequest(
-                    work.prompts[i], greedy, stop, request_id=str(i), priority=rec.priority, tenant=rec.tenant
-                )
-                if rec.deadline_s is not None:
-                    request.deadline = vc.t + rec.deadline_s
-                core.add(core.make_sequence(request))
-                sent[i] = vc.t
+                sent[i] = records[i].sent_at = _send_time(offsets[i], in_flight, releases, concurrency)
+                heapq.heappush(ready, (sent[i] + o.admit_s, i))
                 in_flight += 1
-            if not core.has_work():
-                vc.t = max(vc.t, offsets[pending[0]])  # idle until the next arrival
+            while ready and ready[0][0] <= vc.t:  # the engine takes new requests between steps
+                core.add(core.make_sequence(_sent_request(work, records, *heapq.heappop(ready))))
+            if not core.has_work():  # idle until the next request reaches the engine
+                due = [ready[0][0]] if ready else []
+                if pending and (concurrency is None or in_flight < concurrency):
+                    due.append(offsets[pending[0]])
+                vc.t = max(vc.t, min(due))
                 continue
-            for out in core.step():
+            outputs = core.step()
+            at = vc.t + o.deliver_s  # when this step's tokens reach their clients
+            vc.advance(o.step_gap_s)
+            for out in outputs:
                 i, rec = int(out.request_id), records[int(out.request_id)]
                 if out.rejected:  # what the service would answer with a status
                     rec.error = "DEADLINE_EXCEEDED" if out.rejected[1] == "deadline" else "RESOURCE_EXHAUSTED"
-                    in_flight -= 1
-                    continue
                 if out.token_ids:
                     if rec.ttft is None:
-                        rec.ttft = vc.t - sent[i]
+                        rec.ttft, rec.first_at = at - sent[i], at
                     else:
-                        rec.itl.append(vc.t - last[i])
-                    last[i] = vc.t
+                        rec.itl.append(at - last[i])
+                    last[i] = at
                     rec.output_tokens += len(out.token_ids)
                 if out.finished:
-                    rec.e2e = vc.t - sent[i]
+                    rec.e2e = at - sent[i]
+                if out.finished or out.rejected:
                     in_flight -= 1
-        report = summarize(records, vc.t - min(sent.values()))
+                    releases.append(at)
+                    end = max(end, at)
+        report = summarize(records, end)  # as bench serve: from the first offset's zero to the last reply
         report["preemptions"] = core.num_preemptions
         report["simulated_seconds"] = vc.t
         report["wall_seconds"] = time.perf_counter() - started
@@ -136,6 +143,25 @@ def simulate(
         return report
     finally:
         clock.use(None)
+
+
+def _send_time(offset: float, in_flight: int, releases: list[float], cap: int | None) -> float:
+    """When the client sends a request due at `offset`: then, or under a concurrency cap when
+    enough of the requests in flight at `offset` have finished. Drops the releases before it."""
+    releases[:] = sorted(r for r in releases if r > offset)
+    busy = in_flight + len(releases)  # in flight at `offset`
+    return offset if cap is None or busy < cap else releases[busy - cap]
+
+
+def _sent_request(work: Workload, records: list[Record], received: float, i: int) -> GenerationRequest:
+    rec = records[i]
+    stop = StoppingCriteria(max_new_tokens=work.output_lens[i], ignore_eos=True)
+    greedy = SamplingParams(temperature=0)
+    request = GenerationRequest(work.prompts[i], greedy, stop, request_id=str(i), priority=rec.priority)
+    request.tenant = rec.tenant
+    if rec.deadline_s is not None:
+        request.deadline = received + rec.deadline_s  # as the service sets it
+    return request
 
 
 def calibrate(model: str, device: str | None = None, requests: int = 96, seed: int = 0) -> CostModel:
@@ -171,18 +197,17 @@ def calibrate(model: str, device: str | None = None, requests: int = 96, seed: i
                 t = trace.pop()
                 features = [1.0, t.tokens, t.decode_rows, t.attended_keys / 1e3, t.sampled_rows]
                 samples.append((features, seconds))
-        coef, fit = fit_steps(samples)
-        fit["how"] = "in-process: the engine core alone on the device"
-        return CostModel(
-            coef, model=model, device=str(loaded.device), kv_blocks=core.blocks.num_blocks,
-            block_size=core.blocks.block_size, fit=fit,
+        return fit_steps(
+            samples, "in-process: the engine core alone on the device", model=model, device=str(loaded.device),
+            kv_blocks=core.blocks.num_blocks, block_size=core.blocks.block_size,
         )  # fmt: skip
     finally:
         core.close()
 
 
-def fit_steps(samples: list[tuple[list[float], float]]) -> tuple[tuple[float, ...], dict]:
-    """Least squares over (features, seconds); judged on a held-out fifth of the steps."""
+def fit_steps(samples: list[tuple[list[float], float]], how: str, **identity: Any) -> CostModel:
+    """Least squares over (features, seconds); judged on a held-out fifth of the steps. The
+    spread of real less fitted time over every step becomes the model's noise."""
     x = np.array([f for f, _ in samples])
     y = np.array([s for _, s in samples])
     held = np.arange(len(y)) % 5 == 4
@@ -195,8 +220,10 @@ def fit_steps(samples: list[tuple[list[float], float]]) -> tuple[tuple[float, ..
         "p90_abs_error": float(np.percentile(err, 90)),
         "median_step_ms": 1e3 * statistics.median(y.tolist()),
         "features": list(FEATURES),
+        "how": how,
     }
-    return tuple(float(c) for c in coef), fit
+    noise = np.percentile(y - x @ coef, np.linspace(0, 100, NOISE_QUANTILES))
+    return CostModel(tuple(float(c) for c in coef), fit=fit, noise=tuple(noise.round(6).tolist()), **identity)
 
 
 def calibrate_serving(
@@ -204,7 +231,8 @@ def calibrate_serving(
 ) -> CostModel:
     """Fit the cost model on a real `tandem serve` under `tandem bench serve`'s load (the chat
     workload at `rates`): its steps share the machine with the gRPC server and the load
-    generator, as they do when the simulation is compared with that benchmark."""
+    generator, as they do when the simulation is compared with that benchmark; and the time
+    outside the steps (admission, the loop between steps, delivery) measured on the same run."""
     import asyncio
     import json
     import tempfile
@@ -217,21 +245,49 @@ def calibrate_serving(
 
     vocab = AutoConfig.from_pretrained(resolve_path(model)).get_text_config().vocab_size
     work = make("chat", vocab, seed, requests)
-    samples: list[tuple[list[float], float]] = []
+    records: list[Record] = []
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "steps.jsonl"
         with LocalServer(model, "fcfs", ["--step-trace", str(trace)]) as server:
             for rate in rates:
-                asyncio.run(run_load(server.target, work, rate, None, seed))
+                records += asyncio.run(run_load(server.target, work, rate, None, seed))[0]
             with grpc.insecure_channel(server.target) as channel:
                 info = info_pb2_grpc.InfoServiceStub(channel).GetServerInfo(info_pb2.GetServerInfoRequest(), timeout=30)
-        for line in trace.read_text().splitlines():
-            s = json.loads(line)
-            features = [1.0, s["tokens"], s["decode_rows"], s["attended_keys"] / 1e3, s["sampled_rows"]]
-            samples.append((features, s["wall_seconds"]))
-    coef, fit = fit_steps(samples)
-    fit["how"] = f"tandem serve under tandem bench serve's chat load at {', '.join(map(str, rates))} req/s"
-    return CostModel(coef, model=model, device="cpu", kv_blocks=info.kv_blocks, block_size=info.block_size, fit=fit)
+        steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    features = [[1.0, s["tokens"], s["decode_rows"], s["attended_keys"] / 1e3, s["sampled_rows"]] for s in steps]
+    return fit_steps(
+        list(zip(features, [s["wall_seconds"] for s in steps])),
+        f"tandem serve under tandem bench serve's chat load at {', '.join(map(str, rates))} req/s",
+        model=model, device="cpu", kv_blocks=info.kv_blocks, block_size=info.block_size,
+        overheads=serving_overheads(steps, records),
+    )  # fmt: skip
+
+
+def serving_overheads(steps: list[dict], records: list[Record]) -> Overheads:
+    """The time a served request spends outside the engine's steps, from the server's step
+    trace and the client's timestamps (one clock: CLOCK_MONOTONIC). Per request, the step that
+    made its first token is the last to end before the client had it: its end to then is
+    delivery; its start less the server's queue time is when the request reached the engine's
+    queue, and from the send to then is admission. Medians: the machine's hiccups are its noise,
+    not the path's cost. Between steps: the mean gap while the engine was busy."""
+    start = np.array([s["started"] for s in steps])
+    end = start + np.array([s["wall_seconds"] for s in steps])
+    gaps = start[1:] - end[:-1]
+    busy = gaps[gaps < BUSY_GAP_S]  # longer: the engine was idle, waiting for a request
+    admit, deliver = [], []
+    for r in records:
+        if r.first_at is None or r.sent_at is None or r.queue_s is None:
+            continue
+        k = int(np.searchsorted(end, r.first_at)) - 1
+        deliver.append(r.first_at - end[k])
+        admit.append(start[k] - r.queue_s - r.sent_at)
+    if not admit:
+        raise ValueError("no request finished under the calibration load: no overheads to measure")
+    return Overheads(
+        admit_s=max(0.0, float(statistics.median(admit))),
+        step_gap_s=float(busy.mean()) if busy.size else 0.0,
+        deliver_s=max(0.0, float(statistics.median(deliver))),
+    )
 
 
 def _request(work: Workload, i: int) -> GenerationRequest:

@@ -89,6 +89,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"{args.model} on {cost.device}: {fit['steps']} steps, held-out error mean {fit['mean_abs_error']:.1%}, "
         f"p90 {fit['p90_abs_error']:.1%}; coefficients {dict(zip(fit['features'], cost.coefficients))}; saved {out}"
     )
+    o = cost.overheads
+    if args.serve:
+        print(f"outside the steps: admission {o.admit_s * 1e3:.2f} ms, between steps {o.step_gap_s * 1e3:.2f} ms, "
+              f"delivery {o.deliver_s * 1e3:.2f} ms")  # fmt: skip
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from tandem.engine.request import RequestLimits
 
 CPU_DEFAULT_KV_GB = 1.0
+ATTENTION_BACKENDS = ("auto", "gather", "triton")
 
 
 def cache_root() -> Path:
@@ -35,6 +36,11 @@ class EngineConfig:
     # `tandem sim calibrate --serve` fits). Synchronous schedulers: under overlap a step's
     # wall time covers another step's work.
     step_trace: str | None = None
+    # auto: the Triton paged kernel on CUDA, the C++ decode kernel on the CPU; gather: copy each
+    # row's context out of the pool and run SDPA; triton: the Triton kernel (tests: on the CPU
+    # under TRITON_INTERPRET=1).
+    attention: str = "auto"
+    cuda_graphs: bool = True  # decode steps through captured CUDA graphs (CUDA with the paged kernel)
 
     def validate(self) -> None:
         if self.block_size < 1:
@@ -47,5 +53,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.step_timeout_s is not None and self.step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")

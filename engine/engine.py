@@ -91,15 +91,16 @@ class _Stopped(Exception):
     """The loop took the stop command."""
 
 
-def make_executor(loaded: LoadedModel, kv: KVCache, seed: int, overlap: bool) -> Executor:
+def make_executor(loaded: LoadedModel, kv: KVCache, seed: int, overlap: bool, attention: str = "auto") -> Executor:
     """Synchronous, or for overlap a background one: a worker thread on the CPU, streams on CUDA."""
-    if not overlap:
-        return Executor(loaded.model, kv, loaded.device, seed)
-    if loaded.device.type == "cuda":
+    kind: type[Executor] = Executor
+    if overlap and loaded.device.type == "cuda":
         from tandem.engine.device.executor_cuda import CudaExecutor
 
-        return CudaExecutor(loaded.model, kv, loaded.device, seed)
-    return WorkerExecutor(loaded.model, kv, loaded.device, seed)
+        kind = CudaExecutor
+    elif overlap:
+        kind = WorkerExecutor
+    return kind(loaded.model, kv, loaded.device, seed, attention)
 
 
 def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, LoadedModel]:
@@ -119,7 +120,9 @@ def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, 
     # More than every slot filled to the context length can never be used.
     num_blocks = config.kv_blocks or num_blocks_for(layout, budget, config.max_num_seqs * loaded.max_model_len)
     kv = KVCache(layout, num_blocks, loaded.device)
-    executor = make_executor(loaded, kv, config.seed, overlap=scheduler.overlap)
+    executor = make_executor(loaded, kv, config.seed, scheduler.overlap, config.attention)
+    if config.cuda_graphs and loaded.device.type == "cuda" and executor.paged_kernel is not None:
+        executor.use_graphs(config.max_num_seqs, loaded.max_model_len)
     blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, events=KvEventLog())
     limits = ModelLimits(loaded.vocab_size, loaded.max_model_len, kv.capacity_tokens, requests=config.limits)
     core = EngineCore(
@@ -357,7 +360,7 @@ class Engine:
             finally:
                 self._step_started = None
             if trace is not None:
-                self._trace(trace, time.monotonic() - started)
+                self._trace(trace, started, time.monotonic() - started)
             if self._dead is not None:  # the watchdog gave up on this step meanwhile
                 return
             self._count(outputs)
@@ -365,11 +368,11 @@ class Engine:
             for out in outputs:
                 self._deliver(out)
 
-    def _trace(self, out: IO[str], seconds: float) -> None:
+    def _trace(self, out: IO[str], started: float, seconds: float) -> None:
         steps = self.core.executor.stats.trace
         assert steps is not None, "tracing turns the executor's step trace on"
         for step in steps:
-            out.write(json.dumps({**asdict(step), "wall_seconds": seconds}) + "\n")
+            out.write(json.dumps({**asdict(step), "started": started, "wall_seconds": seconds}) + "\n")
         steps.clear()
         out.flush()
 

@@ -4,10 +4,13 @@
 
 On CUDA it builds a random-weight Llama-architecture model of about 0.5B parameters (bf16),
 checks that synchronous fcfs and async-overlap give identical tokens, and prints output
-tokens/s and the device-idle fraction for both at two batch sizes, next to transformers' own
+tokens/s, the device-idle fraction and device time per step at two batch sizes, for the
+default path (the Triton paged kernel and CUDA graphs) and without graphs, and without the
+kernel (gather + SDPA), next to transformers' own
 continuous batching (`generate_batch`) with and without its async batching, on the same model
 and prompts. Each tandem row's greedy tokens are checked against a float32 transformers
-reference, tie-aware. Without CUDA it makes the same pass on a tiny model on the CPU (CI runs it).
+reference, tie-aware, and so are two built-in presets. Without CUDA it makes the same pass on
+a tiny model on the CPU (CI runs it).
 
 The schedulers are found through the package's entry points, so the package must be installed
 (on a bare GPU machine: `pip install --no-deps --no-build-isolation --no-index .`, or carry the
@@ -76,27 +79,62 @@ def build_model(out: Path, cuda: bool) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_tandem(path: Path, scheduler: str, batch: int, prompts, new: int, device: str) -> dict:
-    config = EngineConfig(model=str(path), device=device, max_num_seqs=batch, max_batch_tokens=max(2048, batch * 16))
+# (scheduler, attention, CUDA graphs): the default path first, then what each part buys.
+VARIANTS_CUDA = [("fcfs", "auto", True), ("async-overlap", "auto", True), ("fcfs", "auto", False),
+                 ("async-overlap", "auto", False), ("fcfs", "gather", False)]  # fmt: skip
+VARIANTS_CPU = [("fcfs", "auto", True), ("async-overlap", "auto", True), ("fcfs", "gather", False)]
+
+
+def run_tandem(
+    path: Path, scheduler: str, batch: int, prompts, new: int, device: str, attention: str = "auto", graphs: bool = True
+) -> dict:
+    config = EngineConfig(
+        model=str(path), device=device, max_num_seqs=batch, max_batch_tokens=max(2048, batch * 16),
+        attention=attention, cuda_graphs=graphs,
+    )  # fmt: skip
     sched = load_scheduler(scheduler, {"policy": "fcfs"} if scheduler == "async-overlap" else {})
     stop = StoppingCriteria(max_new_tokens=new, ignore_eos=True)
+    started = time.perf_counter()
     with Engine(config, sched) as engine:
+        ready = time.perf_counter() - started  # model load, KV, kernel builds, graph capture
+        executor = engine.core.executor
         engine.generate(prompts[:2], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=4))
-        stats = engine.core.executor.stats
-        busy0, idle0 = stats.busy_seconds, stats.idle_seconds
+        stats = executor.stats
+        busy0, idle0, steps0 = stats.busy_seconds, stats.idle_seconds, stats.steps
         start = time.perf_counter()
         done = engine.generate(prompts, SamplingParams(temperature=0), stop)
         wall = time.perf_counter() - start
-        busy, idle = stats.busy_seconds - busy0, stats.idle_seconds - idle0
+        busy, idle, steps = stats.busy_seconds - busy0, stats.idle_seconds - idle0, stats.steps - steps0
+        kernel = "triton" if executor.paged_kernel else "c++" if executor.fused_decode else "gather"
+        replays = executor.graphs.replays if executor.graphs is not None else 0
     tokens = sum(len(c.token_ids) for c in done)
     return dict(
-        system=f"tandem {scheduler}",
+        system=f"tandem {scheduler} ({kernel}{', graphs' if replays else ''})",
         batch=batch,
         tokens_per_s=tokens / wall,
         wall_s=wall,
         idle_fraction=idle / (busy + idle) if busy + idle else None,
+        step_ms=1e3 * busy / steps if steps else None,  # device time per step (CUDA events on CUDA)
+        graph_steps=replays,
+        ready_s=ready,
         outputs=[c.token_ids for c in done],
     )
+
+
+def preset_check(device: str) -> dict:
+    """Greedy on two built-in presets through the default path, against transformers (float32)."""
+    from tandem.engine.model.presets import preset_path
+
+    rng = np.random.default_rng(1)
+    results = {}
+    for name in ("tiny-llama", "tiny-qwen3"):
+        prompts = [rng.integers(4, 500, int(rng.integers(4, 200))).tolist() for _ in range(12)]
+        config = EngineConfig(model=name, device=device, max_num_seqs=8)
+        with Engine(config, load_scheduler("fcfs")) as engine:
+            done = engine.generate(prompts, SamplingParams(temperature=0), StoppingCriteria(24, ignore_eos=True))
+        ref = reference(preset_path(name), device)
+        results[name] = greedy_check(ref, prompts, [c.token_ids for c in done], device, tol=0.05)
+    return dict(presets=results, presets_match=all(r["mismatches"] == 0 for r in results.values()))
 
 
 def structured_check(path: Path, device: str) -> dict:
@@ -244,9 +282,10 @@ def main() -> int:
         ref = reference(path, device)
         for batch in batches:
             prompts = [rng.integers(4, 500, int(rng.integers(32, 257))).tolist() for _ in range(2 * batch)]
-            rows = [run_tandem(path, name, batch, prompts, new, device) for name in ("fcfs", "async-overlap")]
+            variants = VARIANTS_CUDA if cuda else VARIANTS_CPU
+            rows = [run_tandem(path, name, batch, prompts, new, device, att, graphs) for name, att, graphs in variants]
             outputs = [row.pop("outputs") for row in rows]
-            identical &= outputs[0] == outputs[1]
+            identical &= outputs[0] == outputs[1]  # fcfs and async-overlap on the default path
             for row, out in zip(rows, outputs):
                 row.update(greedy_check(ref, prompts, out, device, tol=0.05 if cuda else 1e-4))
                 ok &= row["mismatches"] == 0
@@ -256,21 +295,25 @@ def main() -> int:
         report["sync_async_identical"] = identical
         report["greedy_matches_reference"] = ok
         report.update(structured_check(path, device))
+        report.update(preset_check(device))
     print(
         f"device={report['device']} params={report['parameters'] / 1e6:.1f}M torch={report['torch']} "
         f"transformers={report['transformers']} sync==async: {identical} "
         f"greedy==reference (tie-aware): {ok} structured output parsed: {report['structured_parsed']} "
         f"(fcfs==async-overlap: {report['structured_identical']})"
     )
-    print(f"{'system':<40}{'batch':>6}{'tok/s':>10}{'idle':>8}{'flips':>7}{'wrong':>7}{'worst':>8}")
+    print(f"presets greedy==reference: {report['presets']}")
+    print(f"{'system':<44}{'batch':>6}{'tok/s':>10}{'idle':>8}{'step ms':>9}{'flips':>7}{'wrong':>7}{'worst':>8}")
     for r in report["rows"]:
         tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "-"
         idle = f"{r['idle_fraction']:.1%}" if r["idle_fraction"] is not None else "-"
+        step = f"{r['step_ms']:.2f}" if r.get("step_ms") else "-"
         check = f"{r['near_tie_flips']:>7}{r['mismatches']:>7}{r['worst_margin']:>8.3f}" if "mismatches" in r else ""
         error = f"  ({r['error']})" if "error" in r else ""
-        print(f"{r['system']:<40}{r['batch']:>6}{tps:>10}{idle:>8}{check}{error}")
+        print(f"{r['system']:<44}{r['batch']:>6}{tps:>10}{idle:>8}{step:>9}{check}{error}")
     Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0 if identical and ok and report["structured_all_parsed"] else 1
+    passed = identical and ok and report["structured_all_parsed"] and report["presets_match"]
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import tandem
-from tandem.engine.config import EngineConfig
+from tandem.engine.config import ATTENTION_BACKENDS, EngineConfig
 from tandem.engine.request import (
     Constraint,
     ConstraintKind,
@@ -46,6 +46,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     field_flag(
         g, E, "enable_prefix_caching", "--no-prefix-caching", action="store_false", help="turn prefix caching off"
     )
+    field_flag(
+        g, E, "attention", choices=list(ATTENTION_BACKENDS),
+        help="auto: the Triton paged kernel on CUDA, the C++ decode kernel on the CPU; gather: copy + SDPA",
+    )  # fmt: skip
+    field_flag(g, E, "cuda_graphs", "--no-cuda-graphs", action="store_false", help="run decode steps eagerly on CUDA")
     field_flag(g, E, "step_trace", metavar="FILE", help="append each step's shape and wall time (JSON lines)")
     g.add_argument("--scheduler", default="fcfs", help="scheduling policy (see `tandem schedulers`)")
     g.add_argument(

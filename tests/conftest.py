@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
 
-import pytest
+# Triton kernels run on the CPU in Triton's interpreter (tests/test_paged_triton.py). Triton
+# reads this once, when it is first imported, and torch may import it: set it before anything.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import make_engine
-from tandem.engine import Engine
-from tandem.engine.model.loader import LoadedModel, load_model
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from helpers import make_engine  # noqa: E402
+from tandem.engine import Engine  # noqa: E402
+from tandem.engine.model.loader import LoadedModel, load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,10 @@ def test_gpu_check_dry_pass(tmp_path) -> None:
     assert report["sync_async_identical"] is True
     assert report["greedy_matches_reference"] is True
     systems = {(r["system"], r["batch"]) for r in report["rows"]}
-    assert {("tandem fcfs", 4), ("tandem async-overlap", 8), ("transformers generate_batch", 8)} <= systems
+    want = {("tandem fcfs (c++)", 4), ("tandem async-overlap (c++)", 8), ("tandem fcfs (gather)", 8)}
+    assert want | {("transformers generate_batch", 8)} <= systems
+    assert report["presets_match"] is True and set(report["presets"]) == {"tiny-llama", "tiny-qwen3"}
     for row in report["rows"]:
         if row["system"].startswith("tandem"):
-            assert row["tokens_per_s"] > 0 and 0 <= row["idle_fraction"] < 1
+            assert row["tokens_per_s"] > 0 and 0 <= row["idle_fraction"] < 1 and row["step_ms"] > 0
             assert row["mismatches"] == 0  # against the float32 reference, near-ties allowed

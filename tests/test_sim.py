@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tandem.bench.serve import Mix
-from tandem.bench.sim import calibrate, calibration_path, simulate
+from tandem.bench.sim import BUSY_GAP_S, calibrate, calibrate_serving, calibration_path, simulate
 from tandem.bench.sim_cli import tenants_for
 from tandem.bench.workloads import make
-from tandem.engine.device.simulated import FEATURES, CostModel
+from tandem.engine.device.simulated import FEATURES, CostModel, Overheads
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,34 @@ def test_the_engine_writes_a_step_trace(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(lines) == steps == 4
     assert lines[0]["tokens"] == 12 and lines[1]["decode_rows"] == 3 and all(s["wall_seconds"] > 0 for s in lines)
+
+
+def test_time_outside_the_steps_is_added_where_it_falls(cost: CostModel) -> None:
+    """Admission delays every request alike, delivery every token alike: with all requests at
+    once, TTFT grows by exactly their sum and ITL not at all; a gap between steps lengthens ITL."""
+    work = make("chat", 512, 2, 12)
+    runs = {
+        o: simulate("tiny-llama", "fcfs", work, float("inf"), None, replace(cost, overheads=o))
+        for o in (Overheads(), Overheads(admit_s=0.01, deliver_s=0.02), Overheads(step_gap_s=0.005))
+    }
+    base, path, gap = runs.values()
+    assert path["ttft_ms"]["p50"] == pytest.approx(base["ttft_ms"]["p50"] + 30)
+    assert path["itl_ms"] == pytest.approx(base["itl_ms"])
+    assert gap["itl_ms"]["p50"] == pytest.approx(base["itl_ms"]["p50"] + 5)
+
+
+def test_a_concurrency_cap_holds_requests_back(cost: CostModel) -> None:
+    work = make("chat", 512, 1, 16)
+    report = simulate("tiny-llama", "fcfs", work, float("inf"), 3, cost)
+    spans = [(r.sent_at, r.sent_at + r.e2e) for r in report["records"]]
+    assert report["completed"] == 16
+    for t, _ in spans:  # at each send, at most the cap in flight (the one sent included)
+        assert sum(a <= t < b for a, b in spans) <= 3
+    assert max(a for a, _ in spans) > 0  # some waited for a slot
+
+
+def test_serving_calibration_measures_the_path_outside_the_steps() -> None:
+    served = calibrate_serving("tiny-llama", requests=12, rates=(20.0,))
+    o = served.overheads
+    assert served.fit["steps"] > 10
+    assert 0 < o.deliver_s < 0.1 and 0 <= o.admit_s < 0.1 and 0 < o.step_gap_s < BUSY_GAP_S

@@ -9,7 +9,8 @@ single query token (decodes) attend in batched calls, one per group of rows of s
 length, over a gathered [rows, context] view of their blocks padded to the group's longest;
 multi-token prefill chunks attend one chunk at a time with a causal mask offset by the chunk's
 start (a chunk that starts the sequence attends over its own new keys, with no gather). No
-[T, T] mask is ever built.
+[T, T] mask is ever built. With a paged kernel (Triton on CUDA), decode rows and chunks over a
+cached prefix skip the gather: the kernel reads the pool through block tables.
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ class DecodeGroup:
 
 
 @dataclass
+class PagedReads:
+    """The queries a paged kernel serves (decode rows, chunks over a cached prefix): it reads
+    their K/V in place through block tables (tandem.engine.device.paged_triton)."""
+
+    queries: torch.Tensor  # [P] flattened index of each query
+    table_of: torch.Tensor  # [P] its row of `tables`
+    lens: torch.Tensor  # [P] keys it attends (causal)
+    tables: torch.Tensor  # [R, W] block ids
+    block_size: int
+    kernel: Callable
+
+
+@dataclass
 class StepAttention:
     """Per-step attention metadata, built once per step and read by every layer."""
 
@@ -54,6 +68,7 @@ class StepAttention:
     prefills: list[PrefillSpan]
     max_context: int  # longest context any row attends over
     fused_decode: Callable | None = None  # tandem.engine.device.paged_cpu's kernel: reads the cache in place
+    paged: PagedReads | None = None  # instead of decode groups and slot lists
 
 
 def paged_attention_forward(
@@ -82,10 +97,15 @@ def paged_attention_forward(
 
     q = query[0].transpose(0, 1)  # [T, H, D]
     out = torch.empty_like(q)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if (paged := step.paged) is not None and paged.queries.numel():
+        with torch.profiler.record_function("tandem::paged_attention"):
+            qp = q.index_select(0, paged.queries)
+            op = paged.kernel(qp, k_cache, v_cache, paged.tables, paged.table_of, paged.lens, paged.block_size, scale)
+        out.index_copy_(0, paged.queries, op.to(out.dtype))
     for group in step.decodes:
         if step.fused_decode is not None:
             qd = q.index_select(0, group.rows)  # [b, H, D]
-            scale = scaling if scaling is not None else q.shape[-1] ** -0.5
             with torch.profiler.record_function("tandem::paged_decode"):  # visible to profilers
                 od = step.fused_decode(qd, k_cache, v_cache, group.slots, group.lens, scale)
             out.index_copy_(0, group.rows, od)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tandem.engine.device.attention import DecodeGroup, PrefillSpan, StepAttention
+from tandem.engine.device.attention import DecodeGroup, PagedReads, PrefillSpan, StepAttention
 from tandem.engine.device.kv_cache import KVCache
 from tandem.engine.device.placeholders import resolve_placeholders
 from tandem.engine.device.sampling import GrammarMasks, SampleSpec
@@ -82,6 +82,10 @@ class Sections:
     sample_rows: Span
     copy_src: Span
     copy_dst: Span
+    paged_queries: Span  # the paged kernel's queries: flattened index, table row and keys of each
+    paged_table_of: Span
+    paged_lens: Span
+    paged_tables: Span  # [rows, table_width] block ids
 
 
 @dataclass
@@ -93,6 +97,7 @@ class HostBatch:
     prefills: list[tuple[int, int, int, int]]  # (q_start, q_end, first position, context length)
     attended_keys: int  # sum over query tokens of the keys each attends to (causal)
     has_placeholders: bool
+    table_width: int = 0  # with a paged kernel: blocks per row of the paged_tables section
 
 
 @dataclass
@@ -105,8 +110,12 @@ class PreparedStep:
     copy_dst: torch.Tensor
 
 
-def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAULT_GROUP_COST) -> HostBatch:
-    """Flatten the ragged rows, vectorized over tokens (Python loops only over rows)."""
+def build_host_batch(
+    batch: StepBatch, block_size: int, group_cost: int = DEFAULT_GROUP_COST, paged: bool = False
+) -> HostBatch:
+    """Flatten the ragged rows, vectorized over tokens (Python loops only over rows). `paged`:
+    attention reads the cache in place through block tables (a paged kernel), so decode rows
+    and chunks over a cached prefix get tables instead of slot lists."""
     rows, bs = batch.rows, block_size
     q_lens = np.fromiter((len(r.token_ids) for r in rows), dtype=np.int64, count=len(rows))
     starts = np.fromiter((r.start for r in rows), dtype=np.int64, count=len(rows))
@@ -125,16 +134,19 @@ def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAUL
     decode = np.nonzero(q_lens == 1)[0]
     decode = decode[np.argsort(-ends[decode], kind="stable")]
     groups, decode_slots, at = [], [], 0
+    if paged:  # one group: the kernel reads only each row's own blocks
+        group_cost = NO_GROUPING
     for size in decode_group_sizes(ends[decode], group_cost) if decode.size else []:
         members = decode[at : at + size]
         ctx = np.arange(int(ends[members[0]]))
-        decode_slots.append((tables[members][:, ctx // bs] * bs + ctx % bs).ravel())
+        if not paged:
+            decode_slots.append((tables[members][:, ctx // bs] * bs + ctx % bs).ravel())
         groups.append((size, len(ctx)))
         at += size
 
     prefill_slots, prefills = [], []
     for p in np.nonzero(q_lens > 1)[0]:
-        if starts[p]:  # a chunk that starts at 0 attends over its own new keys: no slots needed
+        if starts[p] and not paged:  # a chunk that starts at 0 attends over its own new keys: no slots
             pos = np.arange(ends[p])
             prefill_slots.append(tables[p, pos // bs] * bs + pos % bs)
         prefills.append((int(cu[p]), int(cu[p + 1]), int(starts[p]), int(ends[p])))
@@ -146,6 +158,10 @@ def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAUL
     )
     copies = np.array(batch.copies, dtype=np.int64).reshape(-1, 2)
     in_block = np.arange(bs)
+    # The paged kernel's share: every query of a decode row or of a chunk over a cached prefix.
+    reads_cache = (q_lens == 1) | (starts > 0) if paged else np.zeros(len(rows), dtype=bool)
+    table_rows = np.cumsum(reads_cache) - 1
+    paged_queries = np.nonzero(reads_cache[owner])[0]
     parts = dict(
         input_ids=ids,
         positions=positions,
@@ -157,6 +173,10 @@ def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAUL
         sample_rows=sample_rows,
         copy_src=(copies[:, :1] * bs + in_block).ravel(),
         copy_dst=(copies[:, 1:] * bs + in_block).ravel(),
+        paged_queries=paged_queries,
+        paged_table_of=table_rows[owner[paged_queries]],
+        paged_lens=positions[paged_queries] + 1,
+        paged_tables=tables[reads_cache].ravel(),
     )
     spans, offset = {}, 0
     for name, part in parts.items():
@@ -166,13 +186,20 @@ def build_host_batch(batch: StepBatch, block_size: int, group_cost: int = DEFAUL
     flat = np.concatenate([p.astype(np.int64, copy=False) for p in parts.values()])
     # each query at position p attends over p + 1 keys
     attended = int(positions.sum()) + total
-    return HostBatch(flat, sections, total, groups, prefills, attended, bool((ids < 0).any()))
+    width = tables.shape[1] if paged else 0
+    return HostBatch(flat, sections, total, groups, prefills, attended, bool((ids < 0).any()), width)
 
 
 def device_step(
-    host: HostBatch, flat: torch.Tensor, kv: KVCache, prev_tokens: torch.Tensor | None, fused_decode=None
+    host: HostBatch,
+    flat: torch.Tensor,
+    kv: KVCache,
+    prev_tokens: torch.Tensor | None,
+    fused_decode=None,
+    paged_kernel=None,
 ) -> PreparedStep:
-    """Views of the device copy of `host.flat`, placeholders resolved, masks built."""
+    """Views of the device copy of `host.flat`, placeholders resolved, masks built. With
+    `paged_kernel` (a host batch built `paged`), it serves every query that reads the cache."""
 
     def section(span: Span) -> torch.Tensor:
         offset, length = span
@@ -189,8 +216,15 @@ def device_step(
         section(host.sections.decode_ctx),
         section(host.sections.decode_slots),
     )
+    paged = None
+    if host.table_width:
+        assert paged_kernel is not None, "a paged host batch needs the paged kernel"
+        tables = section(host.sections.paged_tables).view(-1, host.table_width)
+        sec = host.sections
+        queries, table_of, lens = section(sec.paged_queries), section(sec.paged_table_of), section(sec.paged_lens)
+        paged = PagedReads(queries, table_of, lens, tables, kv.layout.block_size, paged_kernel)
     decodes, row, at = [], 0, 0
-    for size, length in host.decode_groups:
+    for size, length in host.decode_groups if paged is None else []:
         ctx = decode_ctx[row : row + size]
         mask = None  # the fused kernel reads each row's length; SDPA needs the padding masked
         if fused_decode is None:
@@ -202,6 +236,8 @@ def device_step(
     spans, at = [], 0
     for q_start, q_end, first, context in host.prefills:
         span_slots = span_mask = None
+        if first > 0 and paged is not None:  # the paged kernel serves it
+            continue
         if first > 0:  # causal, offset by the tokens already in the cache
             q_pos = torch.arange(first, first + q_end - q_start, device=device)
             span_mask = (torch.arange(context, device=device)[None, :] <= q_pos[:, None])[None, None]
@@ -214,6 +250,7 @@ def device_step(
         prefills=spans,
         max_context=max([length for _, length in host.decode_groups] + [p[3] for p in host.prefills]),
         fused_decode=fused_decode,
+        paged=paged,
     )
     return PreparedStep(
         ids[None],

@@ -13,14 +13,18 @@ background, in launch order, so the host can prepare step N+1 while step N compu
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+import structlog
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tandem.engine.config import ATTENTION_BACKENDS
 from tandem.engine.device import faults, paged_cpu
 from tandem.engine.device.attention import STEP_KWARG
 from tandem.engine.device.batch import (
@@ -33,8 +37,11 @@ from tandem.engine.device.batch import (
     build_host_batch,
     device_step,
 )
+from tandem.engine.device.graphs import DecodeGraphs
 from tandem.engine.device.kv_cache import KVCache
 from tandem.engine.device.sampling import SampleOutput, SamplingTensors, build_sampling, sample
+
+log = structlog.get_logger("tandem.engine")
 
 # NOTE: cuDNN's SDPA builds an execution plan for every new shape, and a step's context lengths
 # change every step: on an H200 that made a 0.5B model's decode step ~75 ms of plan building.
@@ -111,14 +118,36 @@ class ExecutorStats:
             self.trace.append(StepTrace(host.num_tokens, rows, sampled, host.attended_keys, busy))
 
 
+def paged_kernel_for(choice: str, device: torch.device) -> Callable | None:
+    """The Triton paged kernel where `choice` wants it: "auto" on CUDA when Triton imports,
+    "triton" always (on the CPU only under TRITON_INTERPRET=1: tests); "gather" never."""
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {choice!r}")
+    if choice == "gather" or (choice == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention 'triton' runs on CUDA (on the CPU only under TRITON_INTERPRET=1, for tests)")
+    try:
+        from tandem.engine.device.paged_triton import paged_attention
+    except ImportError as exc:
+        if choice == "triton":
+            raise ValueError(f"attention 'triton' needs the triton package: {exc}") from None
+        log.warning("triton_unavailable", error=str(exc), fallback="gather")
+        return None
+    return paged_attention
+
+
 class Executor:
-    def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0, attention: str = "auto") -> None:
         # model: a transformers PreTrainedModel (Any: its attributes are built at run time)
         self.model = model
         self.kv = kv
         self.device = device
         self.block_size = kv.layout.block_size
-        self.fused_decode = paged_cpu.decode_kernel() if self._fused_fits(model, kv, device) else None
+        self.paged_kernel = paged_kernel_for(attention, device)
+        fused = attention == "auto" and self._fused_fits(model, kv, device)
+        self.fused_decode = paged_cpu.decode_kernel() if fused else None
+        self.graphs: DecodeGraphs | None = None  # use_graphs
         self.group_cost = (
             NO_GROUPING if self.fused_decode else DECODE_GROUP_COST_SLOTS.get(device.type, DEFAULT_GROUP_COST)
         )
@@ -128,6 +157,13 @@ class Executor:
         self._last_end_event: torch.cuda.Event | None = None  # synchronous CUDA steps: the device timeline
         self._fault = faults.from_env()
         self._computed = 0
+
+    def use_graphs(self, max_rows: int, max_context: int, capture: bool = True) -> None:
+        """Decode steps of up to `max_rows` rows through CUDA graphs, captured now (the paged
+        kernel only). `capture=False`: the same static-buffer path, eagerly (CPU tests)."""
+        if self.paged_kernel is None:
+            raise ValueError("CUDA graphs need the paged attention kernel (attention 'auto' on CUDA, or 'triton')")
+        self.graphs = DecodeGraphs(self.forward, self.kv, self.paged_kernel, max_rows, max_context, capture)
 
     @staticmethod
     def _fused_fits(model: Any, kv: KVCache, device: torch.device) -> bool:
@@ -164,7 +200,7 @@ class Executor:
     # -- pieces ----------------------------------------------------------------------------
     def _prepare(self, batch: StepBatch, prev: StepHandle | None, kind: type[H]) -> H:
         started = time.perf_counter()
-        host = build_host_batch(batch, self.block_size, self.group_cost)
+        host = build_host_batch(batch, self.block_size, self.group_cost, self.paged_kernel is not None)
         specs = [spec for row in batch.rows if row.sample is not None for spec in (row.sample, *row.forks)]
         sampling = build_sampling(specs, self.device, self.rng, batch.grammar) if specs else None
         self.stats.prepare_seconds += time.perf_counter() - started
@@ -182,8 +218,12 @@ class Executor:
         if self._fault is not None:
             self._fault.check(self._computed)
         with torch.inference_mode(), attention_backends(self.device):
-            prepared = device_step(handle.host, flat, self.kv, self._prev_tokens(handle), self.fused_decode)
-            logits = self.forward(prepared, prepared.sample_rows)
+            prev = self._prev_tokens(handle)
+            prepared = device_step(handle.host, flat, self.kv, prev, self.fused_decode, self.paged_kernel)
+            if self.graphs is not None and self.graphs.fits(handle.host):
+                logits = self.graphs.run(prepared)
+            else:
+                logits = self.forward(prepared, prepared.sample_rows)
             if prepared.copy_src.numel():  # samples forking off a prompt this step wrote
                 self.kv.copy_slots(prepared.copy_src, prepared.copy_dst)
             return logits
@@ -258,5 +298,6 @@ class Executor:
 
     def prepare(self, batch: StepBatch) -> PreparedStep:
         """The step's device tensors (no placeholders); for tests and tools."""
-        host = build_host_batch(batch, self.block_size, self.group_cost)
-        return device_step(host, torch.from_numpy(host.flat).to(self.device), self.kv, None, self.fused_decode)
+        host = build_host_batch(batch, self.block_size, self.group_cost, self.paged_kernel is not None)
+        flat = torch.from_numpy(host.flat).to(self.device)
+        return device_step(host, flat, self.kv, None, self.fused_decode, self.paged_kernel)

@@ -36,8 +36,8 @@ class CudaStep(StepHandle):
 
 
 class CudaExecutor(Executor):
-    def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0) -> None:
-        super().__init__(model, kv, device, seed)
+    def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0, attention: str = "auto") -> None:
+        super().__init__(model, kv, device, seed, attention)
         self.h2d = torch.cuda.Stream(device)
         self.compute = torch.cuda.Stream(device)
         self.d2h = torch.cuda.Stream(device)

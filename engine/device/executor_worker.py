@@ -25,8 +25,8 @@ class WorkerStep(StepHandle):
 
 
 class WorkerExecutor(Executor):
-    def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0) -> None:
-        super().__init__(model, kv, device, seed)
+    def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0, attention: str = "auto") -> None:
+        super().__init__(model, kv, device, seed, attention)
         self._jobs: queue.SimpleQueue[WorkerStep | None] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._run, name="tandem-device", daemon=True)
         self._worker.start()

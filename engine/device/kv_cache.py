@@ -51,7 +51,9 @@ class KVCache:
             raise ValueError("KV cache budget is too small for a single block")
         self.layout = layout
         self.num_blocks = num_blocks
-        shape = (layout.num_layers, num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim)
+        # One more block than the block manager hands out: padding rows (CUDA graphs) write there.
+        self.scratch_block = num_blocks
+        shape = (layout.num_layers, (num_blocks + 1) * layout.block_size, layout.num_kv_heads, layout.head_dim)
         self.k = torch.zeros(shape, dtype=layout.dtype, device=device)
         self.v = torch.zeros(shape, dtype=layout.dtype, device=device)
         self._scratch = torch.empty((2, 0, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype, device=device)

@@ -28,6 +28,16 @@ def step_features(host: HostBatch) -> list[float]:
 
 
 @dataclass(frozen=True)
+class Overheads:
+    """Serving time outside the engine's steps, per request and per step (measured by
+    `tandem sim calibrate --serve`; zero when fitted in-process)."""
+
+    admit_s: float = 0.0  # client send -> the request in the engine's queue (gRPC, validation)
+    step_gap_s: float = 0.0  # the engine loop between two steps (handing outputs over, commands)
+    deliver_s: float = 0.0  # a step's end -> its tokens at the client
+
+
+@dataclass(frozen=True)
 class CostModel:
     """Seconds per step = coefficients · step_features(step)."""
 
@@ -37,9 +47,19 @@ class CostModel:
     kv_blocks: int = 0  # the real engine's KV pool, so the simulation preempts where it would
     block_size: int = 16
     fit: dict = field(default_factory=dict)  # how well it fits its calibration steps
+    overheads: Overheads = Overheads()
+    # Quantiles (0th to 100th percentile) of real less fitted step time, in seconds, on the
+    # calibration's steps; each simulated step draws one. Additive: what spreads step times on
+    # a shared machine (other processes, the GIL, the allocator) costs the same whatever the
+    # step computes. Empty: every step as fitted.
+    noise: tuple[float, ...] = ()
 
-    def seconds(self, host: HostBatch) -> float:
-        return max(0.0, float(np.dot(self.coefficients, step_features(host))))
+    def seconds(self, host: HostBatch, u: float | None = None) -> float:
+        """The step's time; `u` in [0, 1) draws its noise (None: as fitted)."""
+        fitted = float(np.dot(self.coefficients, step_features(host)))
+        if u is not None and self.noise:
+            fitted += float(np.interp(u, np.linspace(0, 1, len(self.noise)), self.noise))
+        return max(0.0, fitted)
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +69,8 @@ class CostModel:
     def load(cls, path: str | Path) -> CostModel:
         data = json.loads(Path(path).read_text())
         data["coefficients"] = tuple(data["coefficients"])
+        data["overheads"] = Overheads(**data.get("overheads", {}))
+        data["noise"] = tuple(data.get("noise", ()))
         return cls(**data)
 
 
@@ -82,7 +104,7 @@ class SimulatedExecutor(Executor):
     def launch(self, batch: StepBatch, prev: StepHandle | None = None) -> StepHandle:
         host = build_host_batch(batch, self.block_size)
         sampled = sum(1 + len(row.forks) for row in batch.rows if row.sample is not None)
-        seconds = self.cost.seconds(host)
+        seconds = self.cost.seconds(host, self.rng.random())
         self.advance(seconds)
         self.stats.record(host, seconds, None)
         self.stats.tokens += host.num_tokens
