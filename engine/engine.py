@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import IO
 
 import structlog
+import torch
 
 from tandem.engine.config import CPU_DEFAULT_KV_GB, EngineConfig
 from tandem.engine.device.executor import Executor
 from tandem.engine.device.executor_worker import WorkerExecutor
 from tandem.engine.device.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
+from tandem.engine.device.warmup import step_peak_bytes
 from tandem.engine.errors import (
     EngineBusyError,
     EngineDeadError,
@@ -105,6 +107,17 @@ def make_executor(loaded: LoadedModel, kv: KVCache, seed: int, overlap: bool, at
 
 def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, LoadedModel]:
     """Load the model, size and allocate the KV pools, and wire the core together."""
+    try:
+        return _build_core(config, scheduler)
+    except torch.OutOfMemoryError as exc:
+        reason = str(exc).splitlines()[0]
+        raise ValueError(
+            f"out of device memory starting {config.model!r}: {reason} Give it a device with more free memory, "
+            "a smaller dtype, or smaller --max-batch-tokens / --max-num-seqs / --kv-cache-fraction"
+        ) from None
+
+
+def _build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, LoadedModel]:
     config.validate()
     loaded = load_model(config.model, config.dtype, config.device)
     text = loaded.config.get_text_config()
@@ -114,11 +127,19 @@ def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, 
     if config.kv_cache_gb is not None:
         budget = config.kv_cache_gb * 2**30
     elif loaded.device.type == "cuda":
-        budget = cuda_budget_bytes(loaded.device, config.kv_cache_fraction)
+        tokens = min(config.max_batch_tokens, loaded.max_model_len)
+        peak = step_peak_bytes(loaded.model, layout, loaded.device, tokens, config.max_num_seqs, config.attention)
+        budget = cuda_budget_bytes(loaded.device, config.kv_cache_fraction, reserve=peak)
     else:
         budget = CPU_DEFAULT_KV_GB * 2**30
     # More than every slot filled to the context length can never be used.
     num_blocks = config.kv_blocks or num_blocks_for(layout, budget, config.max_num_seqs * loaded.max_model_len)
+    if not config.kv_blocks and num_blocks * config.block_size < min(loaded.max_model_len, config.max_batch_tokens):
+        raise ValueError(
+            f"the KV cache would hold {num_blocks * config.block_size} tokens ({budget / 2**30:.2f} GiB on "
+            f"{loaded.device} after the model and one step's activations): too few for one full step; give "
+            "more memory (--kv-cache-gb, --kv-cache-fraction), a smaller --max-batch-tokens or dtype"
+        )
     kv = KVCache(layout, num_blocks, loaded.device)
     executor = make_executor(loaded, kv, config.seed, scheduler.overlap, config.attention)
     if config.cuda_graphs and loaded.device.type == "cuda" and executor.paged_kernel is not None:
@@ -279,6 +300,17 @@ class Engine:
             return list(self.tokenizer.encode(text, add_special_tokens=False))
 
         return await asyncio.get_running_loop().run_in_executor(self._tokenizers, render)
+
+    @property
+    def attention(self) -> str:
+        """How attention reads the KV cache (triton, cpu-kernel, gather)."""
+        return self.core.executor.attention_kind
+
+    @property
+    def graph_buckets(self) -> list[int]:
+        """Decode batch sizes that replay a captured CUDA graph (none when graphs are off)."""
+        graphs = self.core.executor.graphs
+        return list(graphs.buckets) if graphs is not None and graphs.capture else []
 
     @property
     def dead(self) -> BaseException | None:

@@ -20,7 +20,8 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        m = (await self.slot.get(context)).model
+        engine = await self.slot.get(context)
+        m = engine.model
         return pb.GetModelInfoResponse(
             name=m.name,
             architecture=(m.config.architectures or [type(m.model).__name__])[0],
@@ -29,6 +30,8 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
             eos_token_ids=list(m.eos_token_ids),
             dtype=str(m.dtype).removeprefix("torch."),
             device=str(m.device),
+            attention=engine.attention,
+            cuda_graph_buckets=engine.graph_buckets,
         )
 
     async def GetServerInfo(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import make_engine
-from tandem.engine import SamplingParams, StoppingCriteria, UnsupportedModelError
+from tandem.engine import EngineConfig, SamplingParams, StoppingCriteria, UnsupportedModelError
 from tandem.engine.model.loader import load_model
 from tandem.engine.model.presets import PRESETS, preset_path
 
@@ -90,3 +90,12 @@ def test_preset_directories_take_the_users_umask(tmp_path: Path, monkeypatch: py
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_kv_budget_too_small_for_one_step_is_refused_at_start() -> None:
+    from tandem.engine.engine import build_core
+    from tandem.schedulers import load_scheduler
+
+    config = EngineConfig(model="tiny-llama", kv_cache_gb=1e-5, max_batch_tokens=512)
+    with pytest.raises(ValueError, match=r"KV cache would hold \d+ tokens .* too few for one full step"):
+        build_core(config, load_scheduler("fcfs"))

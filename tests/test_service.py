@@ -218,6 +218,7 @@ def test_info_service_and_blocks_back_after_cancel(server, stub) -> None:
         512,
     )
     assert list(model.eos_token_ids) == [1] and model.dtype == "float32" and model.device == "cpu"
+    assert model.attention in ("cpu-kernel", "gather") and list(model.cuda_graph_buckets) == []  # no CUDA here
     server_info = info.GetServerInfo(info_pb2.GetServerInfoRequest())
     assert server_info.scheduler == "fcfs" and server_info.max_waiting == 1024 and server_info.kv_blocks > 0
     call = stub.GenerateStream(_greedy("hold some blocks", 500))

@@ -158,6 +158,11 @@ class Executor:
         self._fault = faults.from_env()
         self._computed = 0
 
+    @property
+    def attention_kind(self) -> str:
+        """How attention reads the cache: triton, cpu-kernel or gather."""
+        return "triton" if self.paged_kernel else "cpu-kernel" if self.fused_decode else "gather"
+
     def use_graphs(self, max_rows: int, max_context: int, capture: bool = True) -> None:
         """Decode steps of up to `max_rows` rows through CUDA graphs, captured now (the paged
         kernel only). `capture=False`: the same static-buffer path, eagerly (CPU tests)."""

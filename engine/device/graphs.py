@@ -120,7 +120,9 @@ class DecodeGraphs:
         if not self.capture:
             return self._forward(bucket)[:b]
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:b]
+        # NOTE: a copy: the next replay of this bucket overwrites the output buffer, and under
+        # overlap a step's sampling may wait (grammar masks) until the next step is launched.
+        return self.outputs[bucket][:b].clone()
 
     def _forward(self, rows: int) -> torch.Tensor:
         inputs = self.inputs

@@ -33,10 +33,11 @@ def num_blocks_for(layout: KVLayout, budget_bytes: float, max_tokens: int | None
     return blocks
 
 
-def cuda_budget_bytes(device: torch.device, fraction: float) -> float:
-    """A fraction of the memory still free on the device after the model is loaded."""
+def cuda_budget_bytes(device: torch.device, fraction: float, reserve: int = 0) -> float:
+    """A fraction of the memory still free on the device after the model is loaded, less
+    `reserve` (what a step at the budget needs beside the pool)."""
     free, _total = torch.cuda.mem_get_info(device)
-    return free * fraction
+    return max(0.0, free - reserve) * fraction
 
 
 class KVCache:
