@@ -87,9 +87,11 @@ def test_ragged_batches_match_transformers(preset: str, dtype: str, path: str, t
     check(got[:2], parts[:2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads,heads,dim", [(2, 8, 32), (4, 8, 64), (4, 4, 128), (1, 8, 128)])
-def test_fused_cpu_decode_kernel_equals_gather_and_sdpa(kv_heads: int, heads: int, dim: int) -> None:
-    """(2, 8, 32) takes the kernel's generic path; the others its compiled-in shapes."""
+def test_fused_cpu_decode_kernel_equals_gather_and_sdpa(kv_heads: int, heads: int, dim: int, dtype) -> None:
+    """(2, 8, 32) takes the kernel's generic path; the others its compiled-in shapes. A bf16 pool
+    is read widened to float32: the same as SDPA in float32 over the same (bf16) values."""
     import shutil
 
     import torch.nn.functional as F
@@ -104,13 +106,15 @@ def test_fused_cpu_decode_kernel_equals_gather_and_sdpa(kv_heads: int, heads: in
         pytest.skip("no C++ toolchain: the gather + SDPA path serves")
     gen = torch.Generator().manual_seed(0)
     slots_total, rows = 4096, 7
-    k = torch.randn(slots_total, kv_heads, dim, generator=gen)
-    v = torch.randn(slots_total, kv_heads, dim, generator=gen)
+    k = torch.randn(slots_total, kv_heads, dim, generator=gen).to(dtype)
+    v = torch.randn(slots_total, kv_heads, dim, generator=gen).to(dtype)
     lens = torch.tensor([1, 5, 31, 32, 33, 100, 257])
     width = int(lens.max()) + 3  # padded past the longest, as a batch's rows are
     slots = torch.randint(0, slots_total, (rows, width), generator=gen)
-    q = torch.randn(rows, heads, dim, generator=gen)
+    q = torch.randn(rows, heads, dim, generator=gen).to(dtype)
     got = kernel(q, k, v, slots, lens, dim**-0.5)
+    assert got.dtype == dtype
+    q, k, v = q.float(), k.float(), v.float()
     mask = (torch.arange(width)[None] < lens[:, None])[:, None, None, :]
     want = F.scaled_dot_product_attention(
         q.unsqueeze(2),
@@ -120,7 +124,8 @@ def test_fused_cpu_decode_kernel_equals_gather_and_sdpa(kv_heads: int, heads: in
         enable_gqa=True,
         scale=dim**-0.5,
     ).squeeze(2)
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+    assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
 
 
 def test_a_killed_kernel_build_does_not_hang_later_starts() -> None:

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,21 @@ def test_a_kv_budget_too_small_for_one_step_is_refused_at_start() -> None:
     config = EngineConfig(model="tiny-llama", kv_cache_gb=1e-5, max_batch_tokens=512)
     with pytest.raises(ValueError, match=r"KV cache would hold \d+ tokens .* too few for one full step"):
         build_core(config, load_scheduler("fcfs"))
+
+
+# A few bf16 ulps of the logits' size: tiny-llama's reach ~10 (an ulp there is 0.0625, and the
+# gather path and transformers' eager attention differ by up to 0.19 on them), ordinary ~1.
+@pytest.mark.parametrize(("model", "tol"), [("tiny-llama", 0.25), ("ordinary", 0.03)])
+def test_bf16_on_the_cpu_kernel_is_transformers_bf16_greedy_choice(model: str, tol: float, tmp_path: Path) -> None:
+    """bf16 weights and KV through the CPU decode kernel (it reads the bf16 pool widened):
+    transformers' bf16 greedy choice wherever it leads by more than bf16's rounding of the logits."""
+    from helpers import assert_greedy_matches, ordinary_model, random_prompts, reference_model
+
+    path = str(ordinary_model(tmp_path)) if model == "ordinary" else model
+    prompts = random_prompts(np.random.default_rng(4), 8, 1, 60)
+    with make_engine(model=path, dtype="bfloat16", device="cpu", max_num_seqs=8) as eng:
+        assert eng.core.executor.attention_kind in ("cpu-kernel", "gather")
+        got = eng.generate(prompts, SamplingParams(temperature=0), StoppingCriteria(12, ignore_eos=True))
+    ref = reference_model(preset_path(path) if model != "ordinary" else path, torch.bfloat16)
+    for p, c in zip(prompts, got):
+        assert_greedy_matches(p, c.token_ids, ref, tol)

@@ -175,7 +175,7 @@ class Executor:
         heads = model.config.get_text_config().num_attention_heads
         return (
             device.type == "cpu"
-            and kv.layout.dtype == torch.float32
+            and kv.layout.dtype in (torch.float32, torch.bfloat16)
             and paged_cpu.supports(heads, kv.layout.num_kv_heads, kv.layout.head_dim)
         )
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import structlog
+import torch
 
 from tandem.engine.config import cache_root
 
@@ -67,7 +68,19 @@ def decode_kernel() -> Callable | None:
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja...: the portable path serves
         log.warning("cpu_kernel_unavailable", error=repr(exc)[:300])
         return None
-    return module.paged_decode
+    return _float_queries(module.paged_decode)
+
+
+def _float_queries(kernel: Callable) -> Callable:
+    """The kernel reads float32 or bfloat16 pools but takes and returns float32 queries: a bf16
+    model's rows are widened on the way in and narrowed on the way out (a few KB per row)."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots, lens, scale: float) -> torch.Tensor:
+        if q.dtype == torch.float32:
+            return kernel(q, k, v, slots, lens, scale)
+        return kernel(q.float(), k, v, slots, lens, scale).to(q.dtype)
+
+    return run
 
 
 TORCH_LOCK = "lock"  # the file torch.utils.cpp_extension's FileBaton creates in the build directory
@@ -77,7 +90,7 @@ def build_dir() -> Path:
     """This CPU's build of this copy of the kernel's source, under tandem's cache. (Its path is
     in the build's commands: two checkouts sharing one build would rebuild it in turn.)"""
     where = hashlib.sha256(str(_SOURCE.resolve()).encode()).hexdigest()[:6]
-    return cache_root() / "kernels" / f"tandem_paged_cpu_v6_{_cpu_tag()}_{where}"
+    return cache_root() / "kernels" / f"tandem_paged_cpu_v7_{_cpu_tag()}_{where}"
 
 
 def _cpu_tag() -> str:
