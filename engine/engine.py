@@ -143,7 +143,7 @@ def _build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore,
     kv = KVCache(layout, num_blocks, loaded.device)
     executor = make_executor(loaded, kv, config.seed, scheduler.overlap, config.attention)
     if config.cuda_graphs and loaded.device.type == "cuda" and executor.paged_kernel is not None:
-        executor.use_graphs(config.max_num_seqs, loaded.max_model_len)
+        executor.use_graphs(min(config.max_num_seqs, config.max_batch_tokens), loaded.max_model_len)
     blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, events=KvEventLog())
     limits = ModelLimits(loaded.vocab_size, loaded.max_model_len, kv.capacity_tokens, requests=config.limits)
     core = EngineCore(

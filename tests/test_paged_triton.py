@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_greedy_matches, make_engine, ordinary_model, random_prompts, reference_model
-from tandem.engine import SamplingParams, StoppingCriteria
+from helpers import assert_greedy_matches, make_engine, ordinary_model, random_prompts, reference_model, small_core
+from tandem.engine import GenerationRequest, SamplingParams, StoppingCriteria
 from tandem.engine.model.presets import preset_path
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets it before torch imports triton
@@ -164,3 +164,24 @@ def test_decode_steps_through_the_graph_buffers_keep_the_greedy_choice(scheduler
 def test_graphs_need_the_paged_kernel() -> None:
     with make_engine("fcfs", attention="gather") as eng, pytest.raises(ValueError, match="paged attention kernel"):
         eng.core.executor.use_graphs(4, 128, capture=False)
+
+
+def test_a_step_whose_row_samples_twice_through_the_graph_buffers() -> None:
+    """n = 2 with the prompt's last chunk one token at a block boundary: a pure one-token step
+    (no block copy) whose one row samples twice; the graph path must hand back one logits row
+    per sample, as the eager forward does."""
+    outs = []
+    for graphs in (False, True):
+        core = small_core(64, block_size=4, attention="triton", max_batch_tokens=7)
+        if graphs:
+            core.executor.use_graphs(4, 256, capture=False)
+        stop = StoppingCriteria(5, ignore_eos=True)
+        core.add(core.make_sequence(GenerationRequest(list(range(5, 13)), SamplingParams(temperature=0), stop, n=2)))
+        got: dict[int, list[int]] = {}
+        while core.has_work():
+            for out in core.step():
+                got.setdefault(out.index, []).extend(out.token_ids)
+        assert not graphs or (core.executor.graphs is not None and core.executor.graphs.replays > 0)
+        core.close()
+        outs.append(got)
+    assert outs[0] == outs[1] and sorted(outs[0]) == [0, 1] and all(len(t) == 5 for t in outs[0].values())

@@ -168,7 +168,15 @@ class Executor:
         kernel only). `capture=False`: the same static-buffer path, eagerly (CPU tests)."""
         if self.paged_kernel is None:
             raise ValueError("CUDA graphs need the paged attention kernel (attention 'auto' on CUDA, or 'triton')")
-        self.graphs = DecodeGraphs(self.forward, self.kv, self.paged_kernel, max_rows, max_context, capture)
+        try:
+            self.graphs = DecodeGraphs(self.forward, self.kv, self.paged_kernel, max_rows, max_context, capture)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # e.g. a model whose forward syncs with the host (dynamic RoPE)
+            log.warning("cuda_graphs_unavailable", error=str(exc)[:300], fallback="eager decode steps")
+            self.graphs = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @staticmethod
     def _fused_fits(model: Any, kv: KVCache, device: torch.device) -> bool:

@@ -65,12 +65,11 @@ class StaticInputs:
         self.tables[b:, 0] = scratch_block
         return b
 
-    def attention(self, rows: int, kv: KVCache, kernel: Callable) -> StepAttention:
+    def attention(self, rows: int, kv: KVCache, kernel: Callable, max_context: int) -> StepAttention:
         """The metadata of a `rows`-row bucket: views of the buffers."""
         r = self.rows[:rows]
         paged = PagedReads(r, r, self.lens[:rows], self.tables[:rows], kv.layout.block_size, kernel)
-        width = self.tables.shape[1] * kv.layout.block_size
-        return StepAttention(kv, self.slot_mapping[:rows], [], [], max_context=width, paged=paged)
+        return StepAttention(kv, self.slot_mapping[:rows], [], [], max_context=max_context, paged=paged)
 
 
 class DecodeGraphs:
@@ -90,12 +89,12 @@ class DecodeGraphs:
         self.kv = kv
         self.kernel = kernel
         self.buckets = graph_buckets(max_rows)
-        bs = kv.layout.block_size
-        self.width = -(-max_context // bs)
+        self.max_context = max_context
+        self.width = -(-max_context // kv.layout.block_size)
         self.inputs = StaticInputs.allocate(max_rows, self.width, kv.k.device)
         self.capture = capture
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.logits: torch.Tensor | None = None  # [max_rows, vocab]: every bucket's graph writes here
         self.replays = 0  # steps served by a bucket (graph or, without capture, the static path)
         if capture:
             self._capture_all()
@@ -111,25 +110,27 @@ class DecodeGraphs:
         )
 
     def run(self, step: PreparedStep) -> torch.Tensor:
-        """Logits of the step's rows, in row order."""
+        """Logits of the step's sampled rows, as the eager forward gives them: one per sample
+        (a row with forks repeats; a prompt's last token that does not sample has none)."""
         paged = step.attention.paged
         assert paged is not None, "decode graphs need the paged kernel's metadata"
         b = self.inputs.fill(step, paged, self.kv.scratch_block, self.kv.layout.block_size)
         bucket = self.buckets[bisect.bisect_left(self.buckets, b)]
         self.replays += 1
         if not self.capture:
-            return self._forward(bucket)[:b]
+            return self._forward(bucket).index_select(0, step.sample_rows)
         self.graphs[bucket].replay()
-        # NOTE: a copy: the next replay of this bucket overwrites the output buffer, and under
-        # overlap a step's sampling may wait (grammar masks) until the next step is launched.
-        return self.outputs[bucket][:b].clone()
+        assert self.logits is not None
+        # NOTE: index_select copies: the next replay overwrites the buffer, and under overlap a
+        # step's sampling may wait (grammar masks) until the next step has been launched.
+        return self.logits.index_select(0, step.sample_rows)
 
     def _forward(self, rows: int) -> torch.Tensor:
         inputs = self.inputs
         step = PreparedStep(
             inputs.input_ids[:, :rows],
             inputs.positions[:, :rows],
-            inputs.attention(rows, self.kv, self.kernel),
+            inputs.attention(rows, self.kv, self.kernel, self.max_context),
             inputs.rows[:rows],
             inputs.rows[:0],
             inputs.rows[:0],
@@ -137,18 +138,25 @@ class DecodeGraphs:
         return self.forward(step, inputs.rows[:rows])
 
     def _capture_all(self) -> None:
-        """Largest first, one memory pool: smaller graphs reuse the largest one's memory."""
+        """Largest first, one memory pool: smaller graphs reuse the largest one's memory, and
+        each copies its logits into one shared buffer (its own output is then pool scratch)."""
         pool = None
         self.inputs.lens.fill_(1)
         self.inputs.tables.fill_(self.kv.scratch_block)
         self.inputs.slot_mapping.fill_(self.kv.scratch_block * self.kv.layout.block_size)
+        side = torch.cuda.Stream(self.kv.k.device)  # warm-ups off the capturing stream, as torch advises
         for rows in reversed(self.buckets):
             with torch.inference_mode():
-                for _ in range(2):  # warm-up: lazy initialisation and autotuning stay out of the graph
-                    self._forward(rows)
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # lazy initialisation and kernel compiles stay out of the graph
+                        warm = self._forward(rows)
+                torch.cuda.current_stream().wait_stream(side)
+                if self.logits is None:
+                    self.logits = torch.empty((rows, warm.shape[-1]), dtype=warm.dtype, device=warm.device)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[rows] = self._forward(rows)
+                    self.logits[:rows].copy_(self._forward(rows))
             pool = graph.pool()
             self.graphs[rows] = graph

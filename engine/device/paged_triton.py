@@ -15,7 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 64  # keys per loop iteration
+
+def tile_for(head_dim: int) -> int:
+    """Keys per loop iteration: K and V tiles are widened to float32 in shared memory, so wide
+    heads take shorter tiles (parts with ~100 KB of shared memory per block)."""
+    return 64 if head_dim <= 128 else 32
 
 
 @triton.jit
@@ -77,7 +81,7 @@ def _paged_attention_kernel(
         total = total * correction + tl.sum(p, 1)
         acc = acc * correction[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m = m_new
-    acc = acc / total[:, None]
+    acc = acc / tl.where(total > 0, total, 1.0)[:, None]  # no keys (lens 0): zeros, not NaN
     tl.store(
         out_ptr + n * stride_qn + heads[:, None] * stride_qh + dims[None, :],
         acc.to(out_ptr.dtype.element_ty),
@@ -112,6 +116,6 @@ def paged_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), tables.stride(0),
         HEAD_DIM=dim, GROUP=group, BLOCK_SIZE=block_size,
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(dim)), GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        TILE=TILE, PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        TILE=tile_for(dim), PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     return out
