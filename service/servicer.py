@@ -243,6 +243,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     def received(self, request: GenerationRequest, rpc: str) -> None:
         extra = dict(prompt=request.prompt) if self.log_prompts else {}
+        # Who sent it and at what level, where set: what a platform team filters the logs by.
+        extra |= {k: v for k, v in (("tenant", request.tenant), ("priority", request.priority)) if v}
         log.info("request_received", request_id=request.request_id, rpc=rpc, **extra)
 
     def finished(self, request_id: str | None, last: RequestOutput, tokens: int, received: float, text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import signal
 import subprocess
@@ -74,7 +75,7 @@ def pki(tmp_path_factory) -> dict[str, Path]:
         (d / f"{name}.pem").write_bytes(_pem(certs[name]))
         (d / f"{name}.key").write_bytes(_pem(keys[name]))
         paths[name], paths[f"{name}_key"] = d / f"{name}.pem", d / f"{name}.key"
-    (d / "tokens").write_text(f"# tokens for the test\n{TOKEN}\nsecond-token\n")
+    (d / "tokens").write_text(f"# tokens for the test\n{TOKEN}\nops second-token\n")  # the second is named
     paths["tokens"] = d / "tokens"
     return paths
 
@@ -155,6 +156,8 @@ def test_tls_with_bearer_tokens(pki) -> None:
         assert proc.wait(30) == 0
         log = server_log(proc)
         assert '"unauthenticated"' in log and TOKEN not in log and "second-token" not in log
+        received = [json.loads(line) for line in log.splitlines() if '"request_received"' in line]
+        assert [r.get("tenant") for r in received].count("ops") == 1  # the named token's request
         assert "quokka" not in log  # no prompt or output text without --log-prompts
     finally:
         proc.kill()
