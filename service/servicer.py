@@ -242,7 +242,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             context.set_trailing_metadata((orca.trailer(engine.load(), self.rate.per_second()),))
 
     def received(self, request: GenerationRequest, rpc: str) -> None:
-        extra = dict(prompt=request.prompt) if self.log_prompts else {}
+        extra: dict[str, object] = dict(prompt=request.prompt) if self.log_prompts else {}
         # Who sent it and at what level, where set: what a platform team filters the logs by.
         extra |= {k: v for k, v in (("tenant", request.tenant), ("priority", request.priority)) if v}
         log.info("request_received", request_id=request.request_id, rpc=rpc, **extra)
