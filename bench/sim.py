@@ -155,10 +155,8 @@ def _send_time(offset: float, in_flight: int, releases: list[float], cap: int | 
 
 def _sent_request(work: Workload, records: list[Record], received: float, i: int) -> GenerationRequest:
     rec = records[i]
-    stop = StoppingCriteria(max_new_tokens=work.output_lens[i], ignore_eos=True)
-    greedy = SamplingParams(temperature=0)
-    request = GenerationRequest(work.prompts[i], greedy, stop, request_id=str(i), priority=rec.priority)
-    request.tenant = rec.tenant
+    request = _request(work, i, prefix="", limit=None)
+    request.priority, request.tenant = rec.priority, rec.tenant
     if rec.deadline_s is not None:
         request.deadline = received + rec.deadline_s  # as the service sets it
     return request
@@ -290,6 +288,7 @@ def serving_overheads(steps: list[dict], records: list[Record]) -> Overheads:
     )
 
 
-def _request(work: Workload, i: int) -> GenerationRequest:
+def _request(work: Workload, i: int, prefix: str = "cal", limit: int | None = 1024) -> GenerationRequest:
+    """The workload's i-th request, greedy to its output length (calibration: prompts capped)."""
     stop = StoppingCriteria(max_new_tokens=work.output_lens[i], ignore_eos=True)
-    return GenerationRequest(work.prompts[i][:1024], SamplingParams(temperature=0), stop, request_id=f"cal{i}")
+    return GenerationRequest(work.prompts[i][:limit], SamplingParams(temperature=0), stop, request_id=f"{prefix}{i}")

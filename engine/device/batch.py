@@ -158,25 +158,29 @@ def build_host_batch(
     )
     copies = np.array(batch.copies, dtype=np.int64).reshape(-1, 2)
     in_block = np.arange(bs)
-    # The paged kernel's share: every query of a decode row or of a chunk over a cached prefix.
-    reads_cache = (q_lens == 1) | (starts > 0) if paged else np.zeros(len(rows), dtype=bool)
-    table_rows = np.cumsum(reads_cache) - 1
-    paged_queries = np.nonzero(reads_cache[owner])[0]
+    none = np.zeros(0, np.int64)
+    queries = table_of = lens = paged_tables = none
+    if paged:  # the kernel's share: every query of a decode row or of a chunk over a cached prefix
+        reads_cache = (q_lens == 1) | (starts > 0)
+        queries = np.nonzero(reads_cache[owner])[0]
+        table_of = (np.cumsum(reads_cache) - 1)[owner[queries]]
+        lens = positions[queries] + 1
+        paged_tables = tables[reads_cache].ravel()
     parts = dict(
         input_ids=ids,
         positions=positions,
         slot_mapping=slot_mapping,
         decode_rows=cu[decode],
         decode_ctx=ends[decode],
-        decode_slots=np.concatenate(decode_slots) if decode_slots else np.zeros(0, np.int64),
-        prefill_slots=np.concatenate(prefill_slots) if prefill_slots else np.zeros(0, np.int64),
+        decode_slots=np.concatenate(decode_slots) if decode_slots else none,
+        prefill_slots=np.concatenate(prefill_slots) if prefill_slots else none,
         sample_rows=sample_rows,
         copy_src=(copies[:, :1] * bs + in_block).ravel(),
         copy_dst=(copies[:, 1:] * bs + in_block).ravel(),
-        paged_queries=paged_queries,
-        paged_table_of=table_rows[owner[paged_queries]],
-        paged_lens=positions[paged_queries] + 1,
-        paged_tables=tables[reads_cache].ravel(),
+        paged_queries=queries,
+        paged_table_of=table_of,
+        paged_lens=lens,
+        paged_tables=paged_tables,
     )
     spans, offset = {}, 0
     for name, part in parts.items():
