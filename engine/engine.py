@@ -248,17 +248,25 @@ class Engine:
             self._submit(seq, c)
         return [c.result() for c in collectors]
 
-    async def stream(self, request: GenerationRequest, max_waiting: int | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(
+        self, request: GenerationRequest, max_waiting: int | None = None, interval: int = 1
+    ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come, until all its `n` samples finish (each
-        output says which sample: `index`); leaving early aborts the request.
+        output says which sample: `index`); leaving early aborts the request. With `interval`
+        > 1, a sample's outputs after its first are held until they carry `interval` tokens.
 
         The engine never waits for a slow consumer: outputs it has not taken yet are merged
         into one per sample (tokens, text and logprobs concatenated), so nothing queues up per token.
         """
+        if interval < 1:
+            raise ValueError(f"stream interval must be >= 1, got {interval}")
         loop = asyncio.get_running_loop()
         pending = _Coalescer()
+        held = _Interval(interval) if interval > 1 else None
 
         def sink(out: RequestOutput | BaseException) -> None:
+            if held is not None and isinstance(out, RequestOutput) and (out := held.pass_on(out)) is None:
+                return
             loop.call_soon_threadsafe(pending.put, out)
 
         seq = await loop.run_in_executor(self._tokenizers, self.core.make_sequence, request)
@@ -511,6 +519,38 @@ class Engine:
                 pass
 
 
+def _merged(prev: RequestOutput | None, out: RequestOutput) -> RequestOutput:
+    """`out` appended to `prev`, an earlier undelivered output of the same sample."""
+    if prev is None:
+        return out
+    prev.token_ids = prev.token_ids + out.token_ids
+    prev.text += out.text
+    if out.logprobs is not None:
+        prev.logprobs = (prev.logprobs or []) + out.logprobs
+    prev.finished, prev.finish_reason, prev.stop = out.finished, out.finish_reason, out.stop
+    return prev
+
+
+class _Interval:
+    """Holds a sample's tokens back on the engine thread until `every` have come (its first
+    output and its last go at once): fewer, larger stream messages, as SGLang's and vLLM's
+    --stream-interval. Each message costs the event loop the same whatever it carries."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._held: dict[int, RequestOutput] = {}
+        self._started: set[int] = set()
+
+    def pass_on(self, out: RequestOutput) -> RequestOutput | None:
+        """What to deliver now: `out` with the tokens held before it, or None to hold it too."""
+        merged = _merged(self._held.pop(out.index, None), out)
+        if out.finished or out.index not in self._started or len(merged.token_ids) >= self.every:
+            self._started.add(out.index)
+            return merged
+        self._held[out.index] = merged
+        return None
+
+
 def _nth(value, i: int, default_factory):
     if value is None:
         return default_factory()
@@ -530,14 +570,8 @@ class _Coalescer:
     def put(self, out: RequestOutput | BaseException) -> None:
         if isinstance(out, BaseException):
             self._error = self._error or out
-        elif (prev := self._out.get(out.index)) is None:
-            self._out[out.index] = out
         else:
-            prev.token_ids = prev.token_ids + out.token_ids
-            prev.text += out.text
-            if out.logprobs is not None:
-                prev.logprobs = (prev.logprobs or []) + out.logprobs
-            prev.finished, prev.finish_reason, prev.stop = out.finished, out.finish_reason, out.stop
+            self._out[out.index] = _merged(self._out.get(out.index), out)
         self._ready.set()
 
     async def take(self) -> list[RequestOutput | BaseException]:

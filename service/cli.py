@@ -192,12 +192,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _serve_args(serve: argparse.ArgumentParser) -> None:
     opts = ServerOptions
     field_flag(serve, opts, "host", help="address to bind (0.0.0.0 or [::] in a mesh)")
     field_flag(serve, opts, "port", type=int, help="0 picks a free port")
     field_flag(serve, opts, "grace", type=float, help="seconds in-flight streams get on SIGTERM")
     field_flag(serve, opts, "max_waiting", type=int, help="waiting requests past which new ones get RESOURCE_EXHAUSTED")
+    field_flag(
+        serve,
+        opts,
+        "stream_interval",
+        type=positive_int,
+        help="tokens per stream message after each sample's first: fewer messages cost the server less CPU",
+    )
     serve.add_argument("--log-format", choices=["json", "console"], default="json", help="log lines as")
     field_flag(serve, opts, "metrics_port", type=int, help="serve Prometheus metrics on this port (0 picks one)")
     field_flag(
