@@ -41,6 +41,9 @@ class EngineConfig:
     # under TRITON_INTERPRET=1).
     attention: str = "auto"
     cuda_graphs: bool = True  # decode steps through captured CUDA graphs (CUDA with the paged kernel)
+    # Ranks the model is sharded over (transformers' TP plan, torch.distributed): cuda:0..N-1,
+    # or N CPU processes (gloo). Rank 0 runs the engine; the others follow its steps.
+    tensor_parallel: int = 1
 
     def validate(self) -> None:
         if self.block_size < 1:
@@ -55,5 +58,7 @@ class EngineConfig:
             raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")

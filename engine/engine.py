@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
-from typing import IO
+from typing import IO, Any
 
 import structlog
 import torch
@@ -22,6 +22,7 @@ from tandem.engine.config import CPU_DEFAULT_KV_GB, EngineConfig
 from tandem.engine.device.executor import Executor
 from tandem.engine.device.executor_worker import WorkerExecutor
 from tandem.engine.device.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
+from tandem.engine.device.tensor_parallel import TensorParallel, agree_min, check_devices, rank_device
 from tandem.engine.device.warmup import step_peak_bytes
 from tandem.engine.errors import (
     EngineBusyError,
@@ -36,7 +37,7 @@ from tandem.engine.host.kv_events import KvEventLog
 from tandem.engine.host.scheduling import Scheduler
 from tandem.engine.host.sequence import Sequence
 from tandem.engine.host.threads import on_fresh_thread
-from tandem.engine.model.loader import LoadedModel, load_model
+from tandem.engine.model.loader import LoadedModel, check_tensor_parallel, load_model
 from tandem.engine.request import (
     Completion,
     Constraint,
@@ -119,11 +120,31 @@ def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, 
 
 def _build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, LoadedModel]:
     config.validate()
-    loaded = load_model(config.model, config.dtype, config.device)
+    tp = None
+    if config.tensor_parallel > 1:
+        check_tensor_parallel(config.model, config.tensor_parallel)
+        check_devices(config)
+        tp = TensorParallel(config, scheduler.overlap, build_follower)  # the followers load alongside
+    try:
+        return _build_leader(config, scheduler, tp)
+    except BaseException:
+        if tp is not None:
+            tp.close()
+        raise
+
+
+def kv_layout(loaded: LoadedModel, config: EngineConfig) -> KVLayout:
+    """This rank's KV pool layout: under tensor parallelism its share of the KV heads."""
     text = loaded.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    layout = KVLayout(text.num_hidden_layers, kv_heads, head_dim, config.block_size, loaded.dtype)
+    return KVLayout(
+        text.num_hidden_layers, kv_heads // config.tensor_parallel, head_dim, config.block_size, loaded.dtype
+    )
+
+
+def kv_blocks(config: EngineConfig, loaded: LoadedModel, layout: KVLayout) -> int:
+    """How many KV blocks this rank's budget holds (every rank runs this: on CUDA it measures a forward)."""
     if config.kv_cache_gb is not None:
         budget = config.kv_cache_gb * 2**30
     elif loaded.device.type == "cuda":
@@ -140,9 +161,31 @@ def _build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore,
             f"{loaded.device} after the model and one step's activations): too few for one full step; give "
             "more memory (--kv-cache-gb, --kv-cache-fraction), a smaller --max-batch-tokens or dtype"
         )
+    return num_blocks
+
+
+def build_follower(config: EngineConfig, control: Any) -> Executor:
+    """A tensor-parallel follower's executor: its shard, and a KV pool of as many blocks as every rank holds."""
+    loaded = load_model(config.model, config.dtype, config.device, config.tensor_parallel)
+    layout = kv_layout(loaded, config)
+    kv = KVCache(layout, agree_min(kv_blocks(config, loaded, layout), control), loaded.device)
+    return Executor(loaded.model, kv, loaded.device, config.seed, config.attention)
+
+
+def _build_leader(
+    config: EngineConfig, scheduler: Scheduler, tp: TensorParallel | None
+) -> tuple[EngineCore, LoadedModel]:
+    device = str(rank_device(config, 0)) if tp is not None else config.device
+    loaded = load_model(config.model, config.dtype, device, config.tensor_parallel)
+    layout = kv_layout(loaded, config)
+    num_blocks = kv_blocks(config, loaded, layout)
+    if tp is not None:
+        num_blocks = agree_min(num_blocks, tp.control)
     kv = KVCache(layout, num_blocks, loaded.device)
     executor = make_executor(loaded, kv, config.seed, scheduler.overlap, config.attention)
-    if config.cuda_graphs and loaded.device.type == "cuda" and executor.paged_kernel is not None:
+    executor.tp = tp
+    # NOTE: no graphs under TP: capturing the forward's NCCL collectives is not done (nor tested) yet.
+    if config.cuda_graphs and loaded.device.type == "cuda" and executor.paged_kernel is not None and tp is None:
         executor.use_graphs(min(config.max_num_seqs, config.max_batch_tokens), loaded.max_model_len)
     blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, events=KvEventLog())
     limits = ModelLimits(loaded.vocab_size, loaded.max_model_len, kv.capacity_tokens, requests=config.limits)
@@ -164,6 +207,7 @@ def _build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore,
         kv_blocks=num_blocks,
         kv_tokens=kv.capacity_tokens,
         kv_mib=round(kv.nbytes / 2**20, 1),
+        tensor_parallel=config.tensor_parallel,
     )
     return core, loaded
 
@@ -193,6 +237,8 @@ class Engine:
         self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tandem-tokenize")
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
+        if (tp := self.core.executor.tp) is not None:  # a follower that dies fails every request
+            tp.watch(lambda reason: self._fail(EngineDeadError(reason)))
         if self.config.step_timeout_s is not None:
             threading.Thread(target=self._watchdog, name="tandem-watchdog", daemon=True).start()
 
@@ -248,25 +294,17 @@ class Engine:
             self._submit(seq, c)
         return [c.result() for c in collectors]
 
-    async def stream(
-        self, request: GenerationRequest, max_waiting: int | None = None, interval: int = 1
-    ) -> AsyncIterator[RequestOutput]:
+    async def stream(self, request: GenerationRequest, max_waiting: int | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come, until all its `n` samples finish (each
-        output says which sample: `index`); leaving early aborts the request. With `interval`
-        > 1, a sample's outputs after its first are held until they carry `interval` tokens.
+        output says which sample: `index`); leaving early aborts the request.
 
         The engine never waits for a slow consumer: outputs it has not taken yet are merged
         into one per sample (tokens, text and logprobs concatenated), so nothing queues up per token.
         """
-        if interval < 1:
-            raise ValueError(f"stream interval must be >= 1, got {interval}")
         loop = asyncio.get_running_loop()
         pending = _Coalescer()
-        held = _Interval(interval) if interval > 1 else None
 
         def sink(out: RequestOutput | BaseException) -> None:
-            if held is not None and isinstance(out, RequestOutput) and (out := held.pass_on(out)) is None:
-                return
             loop.call_soon_threadsafe(pending.put, out)
 
         seq = await loop.run_in_executor(self._tokenizers, self.core.make_sequence, request)
@@ -519,38 +557,6 @@ class Engine:
                 pass
 
 
-def _merged(prev: RequestOutput | None, out: RequestOutput) -> RequestOutput:
-    """`out` appended to `prev`, an earlier undelivered output of the same sample."""
-    if prev is None:
-        return out
-    prev.token_ids = prev.token_ids + out.token_ids
-    prev.text += out.text
-    if out.logprobs is not None:
-        prev.logprobs = (prev.logprobs or []) + out.logprobs
-    prev.finished, prev.finish_reason, prev.stop = out.finished, out.finish_reason, out.stop
-    return prev
-
-
-class _Interval:
-    """Holds a sample's tokens back on the engine thread until `every` have come (its first
-    output and its last go at once): fewer, larger stream messages, as SGLang's and vLLM's
-    --stream-interval. Each message costs the event loop the same whatever it carries."""
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-        self._held: dict[int, RequestOutput] = {}
-        self._started: set[int] = set()
-
-    def pass_on(self, out: RequestOutput) -> RequestOutput | None:
-        """What to deliver now: `out` with the tokens held before it, or None to hold it too."""
-        merged = _merged(self._held.pop(out.index, None), out)
-        if out.finished or out.index not in self._started or len(merged.token_ids) >= self.every:
-            self._started.add(out.index)
-            return merged
-        self._held[out.index] = merged
-        return None
-
-
 def _nth(value, i: int, default_factory):
     if value is None:
         return default_factory()
@@ -570,8 +576,14 @@ class _Coalescer:
     def put(self, out: RequestOutput | BaseException) -> None:
         if isinstance(out, BaseException):
             self._error = self._error or out
+        elif (prev := self._out.get(out.index)) is None:
+            self._out[out.index] = out
         else:
-            self._out[out.index] = _merged(self._out.get(out.index), out)
+            prev.token_ids = prev.token_ids + out.token_ids
+            prev.text += out.text
+            if out.logprobs is not None:
+                prev.logprobs = (prev.logprobs or []) + out.logprobs
+            prev.finished, prev.finish_reason, prev.stop = out.finished, out.finish_reason, out.stop
         self._ready.set()
 
     async def take(self) -> list[RequestOutput | BaseException]:

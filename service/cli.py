@@ -51,6 +51,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="auto: the Triton paged kernel on CUDA, the C++ decode kernel on the CPU; gather: copy + SDPA",
     )  # fmt: skip
     field_flag(g, E, "cuda_graphs", "--no-cuda-graphs", action="store_false", help="run decode steps eagerly on CUDA")
+    field_flag(
+        g, E, "tensor_parallel", type=positive_int, help="shard the model over N ranks: N GPUs, or N CPU processes"
+    )
     field_flag(g, E, "step_trace", metavar="FILE", help="append each step's shape and wall time (JSON lines)")
     g.add_argument("--scheduler", default="fcfs", help="scheduling policy (see `tandem schedulers`)")
     g.add_argument(
@@ -205,13 +208,6 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
     field_flag(serve, opts, "port", type=int, help="0 picks a free port")
     field_flag(serve, opts, "grace", type=float, help="seconds in-flight streams get on SIGTERM")
     field_flag(serve, opts, "max_waiting", type=int, help="waiting requests past which new ones get RESOURCE_EXHAUSTED")
-    field_flag(
-        serve,
-        opts,
-        "stream_interval",
-        type=positive_int,
-        help="tokens per stream message after each sample's first: fewer messages cost the server less CPU",
-    )
     serve.add_argument("--log-format", choices=["json", "console"], default="json", help="log lines as")
     field_flag(serve, opts, "metrics_port", type=int, help="serve Prometheus metrics on this port (0 picks one)")
     field_flag(

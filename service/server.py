@@ -61,7 +61,6 @@ class ServerOptions:
     log_prompts: bool = False  # prompt and output text in the logs (off: never logged)
     max_health_watches_per_peer: int = 64  # health Watch streams one client address may hold
     otlp_endpoint: str | None = None  # OpenTelemetry traces exported here (OTLP/gRPC)
-    stream_interval: int = 1  # tokens per stream message after a sample's first (fewer messages, less CPU)
 
 
 def server_credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:
@@ -143,7 +142,6 @@ def build_server(slot: EngineSlot, opts: ServerOptions) -> Server:
         log_prompts=opts.log_prompts,
         scoped_aborts=bool(opts.auth_tokens),
         token_names=[(n, t) for n, t in opts.token_names or [] if n],
-        stream_interval=opts.stream_interval,
     )
     pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
     vllm_grpc.add_VllmEngineServicer_to_server(VllmWorkerServicer(generation, lambda: built.serving), server)

@@ -89,10 +89,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         log_prompts: bool = False,
         scoped_aborts: bool = False,
         token_names: list[tuple[str, bytes]] | None = None,
-        stream_interval: int = 1,
     ) -> None:
         self.slot = slot
-        self.stream_interval = stream_interval  # tokens per stream message after the first (engine.stream)
         self.max_waiting = max_waiting
         self.on_engine_failure = on_engine_failure
         self.log_prompts = log_prompts  # off: prompt and output text never reach the logs
@@ -148,7 +146,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if owns:
             self._owners[request_id] = credential_id(context.invocation_metadata())
         try:
-            async for out in engine.stream(request, self.max_waiting, self.stream_interval):
+            async for out in engine.stream(request, self.max_waiting):
                 yield out
         except EngineBusyError as exc:
             await context.abort_with_status(resource_exhausted(str(exc), retry_after_s=1.0))

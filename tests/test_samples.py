@@ -129,26 +129,6 @@ def test_stream_yields_every_sample_with_its_index() -> None:
         assert eng.core.blocks.num_used == 0
 
 
-def test_a_stream_interval_holds_tokens_back_until_each_message_carries_that_many(engine) -> None:
-    """Each sample's first and last messages go at once; the ones between carry >= 4 tokens,
-    and the tokens are those an interval of 1 streams."""
-
-    async def run(interval: int) -> dict[int, list]:
-        got: dict[int, list] = {}
-        async for out in engine.stream(_request(2, max_new=11, rid=f"i{interval}"), interval=interval):
-            got.setdefault(out.index, []).append(out.token_ids)
-        return got
-
-    every, held = asyncio.run(run(1)), asyncio.run(run(4))
-    assert sorted(held) == [0, 1]
-    for index, chunks in held.items():
-        assert sum(chunks, []) == sum(every[index], []) and len(sum(chunks, [])) == 11
-        assert all(len(c) >= 4 for c in chunks[1:-1]) and len(chunks) <= 4
-    with pytest.raises(ValueError, match="interval"):
-        asyncio.run(anext(engine.stream(_request(1), interval=0)))
-    assert engine.core.blocks.num_used == 0
-
-
 def test_n_is_validated(engine) -> None:
     for n, field in [(0, "n"), (17, "n")]:
         with pytest.raises(InvalidRequestError) as info:

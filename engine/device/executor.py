@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import structlog
@@ -40,6 +40,9 @@ from tandem.engine.device.batch import (
 from tandem.engine.device.graphs import DecodeGraphs
 from tandem.engine.device.kv_cache import KVCache
 from tandem.engine.device.sampling import SampleOutput, SamplingTensors, build_sampling, sample
+
+if TYPE_CHECKING:
+    from tandem.engine.device.tensor_parallel import TensorParallel
 
 log = structlog.get_logger("tandem.engine")
 
@@ -157,6 +160,7 @@ class Executor:
         self._last_end_event: torch.cuda.Event | None = None  # synchronous CUDA steps: the device timeline
         self._fault = faults.from_env()
         self._computed = 0
+        self.tp: TensorParallel | None = None  # rank 0 of a tensor-parallel group: followers run each step too
 
     @property
     def attention_kind(self) -> str:
@@ -180,7 +184,9 @@ class Executor:
 
     @staticmethod
     def _fused_fits(model: Any, kv: KVCache, device: torch.device) -> bool:
-        heads = model.config.get_text_config().num_attention_heads
+        text = model.config.get_text_config()
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        heads = text.num_attention_heads * kv.layout.num_kv_heads // kv_heads  # this rank's share under TP
         return (
             device.type == "cpu"
             and kv.layout.dtype in (torch.float32, torch.bfloat16)
@@ -208,7 +214,8 @@ class Executor:
         self._last_end_event = None
 
     def close(self) -> None:
-        pass
+        if self.tp is not None:
+            self.tp.close()
 
     # -- pieces ----------------------------------------------------------------------------
     def _prepare(self, batch: StepBatch, prev: StepHandle | None, kind: type[H]) -> H:
@@ -216,6 +223,8 @@ class Executor:
         host = build_host_batch(batch, self.block_size, self.group_cost, self.paged_kernel is not None)
         specs = [spec for row in batch.rows if row.sample is not None for spec in (row.sample, *row.forks)]
         sampling = build_sampling(specs, self.device, self.rng, batch.grammar) if specs else None
+        if self.tp is not None:  # at launch: under overlap the followers get step N+1 while N computes
+            self.tp.send_step(host, len(specs))
         self.stats.prepare_seconds += time.perf_counter() - started
         self.stats.tokens += host.num_tokens
         return kind(host, sampling, prev)
@@ -230,16 +239,23 @@ class Executor:
         self._computed += 1
         if self._fault is not None:
             self._fault.check(self._computed)
+        return self._run_forward(handle.host, flat, self._prev_tokens(handle))
+
+    def _run_forward(self, host: HostBatch, flat: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         with torch.inference_mode(), attention_backends(self.device):
-            prev = self._prev_tokens(handle)
-            prepared = device_step(handle.host, flat, self.kv, prev, self.fused_decode, self.paged_kernel)
-            if self.graphs is not None and self.graphs.fits(handle.host):
+            prepared = device_step(host, flat, self.kv, prev, self.fused_decode, self.paged_kernel)
+            if self.graphs is not None and self.graphs.fits(host):
                 logits = self.graphs.run(prepared)
             else:
                 logits = self.forward(prepared, prepared.sample_rows)
             if prepared.copy_src.numel():  # samples forking off a prompt this step wrote
                 self.kv.copy_slots(prepared.copy_src, prepared.copy_dst)
             return logits
+
+    def follow_step(self, host: HostBatch, prev: torch.Tensor | None) -> None:
+        """A tensor-parallel follower's step: rank 0's host batch through this rank's shard
+        (the logits are rank 0's to sample)."""
+        self._run_forward(host, torch.from_numpy(host.flat).to(self.device), prev)
 
     def _sample_step(self, handle: StepHandle, logits: torch.Tensor) -> None:
         """Sample `handle`'s rows. With grammar masks, waits until the host has filled them."""
@@ -250,6 +266,8 @@ class Executor:
                 assert prev_tokens is not None, "penalty histories hold placeholders but no step preceded"
                 handle.sampling.resolve(prev_tokens)
             handle.output = sample(logits, handle.sampling)
+        if self.tp is not None:  # in step order with the forwards' collectives: this thread runs both
+            self.tp.send_tokens(handle.output.tokens)
 
     @staticmethod
     def _prev_tokens(handle: StepHandle) -> torch.Tensor | None:

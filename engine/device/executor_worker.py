@@ -44,6 +44,7 @@ class WorkerExecutor(Executor):
     def close(self) -> None:
         self._jobs.put(None)
         self._worker.join()
+        super().close()
 
     def _run(self) -> None:
         while (handle := self._jobs.get()) is not None:

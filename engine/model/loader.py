@@ -114,8 +114,31 @@ def _eos_ids(model, config, tokenizer) -> tuple[int, ...]:
     return (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
 
 
-def load_model(model: str, dtype: str | None = None, device: str | None = None) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def check_tensor_parallel(model: str, n: int) -> None:
+    """Refuse a TP size the model cannot be split by: it must divide the attention and KV heads,
+    and transformers must have a TP plan for the architecture."""
+    if n == 1:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_path(model), local_files_only=True)
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % n or kv_heads % n:
+        raise ValueError(
+            f"tensor_parallel {n} must divide the model's attention heads ({heads}) and KV heads ({kv_heads})"
+        )
+    if not getattr(text, "base_model_tp_plan", None):
+        raise ValueError(f"tensor_parallel {n}: transformers has no tensor-parallel plan for {type(config).__name__}")
+
+
+def load_model(
+    model: str, dtype: str | None = None, device: str | None = None, tensor_parallel: int = 1
+) -> LoadedModel:
+    """`tensor_parallel` > 1: this rank's shard, by transformers' TP plan, in the process group
+    the caller has initialised (tandem.engine.device.tensor_parallel)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DistributedConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -125,8 +148,12 @@ def load_model(model: str, dtype: str | None = None, device: str | None = None) 
     path = resolve_path(model)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     check_supported(config)
+    sharded = {}
+    if tensor_parallel > 1:
+        check_tensor_parallel(model, tensor_parallel)
+        sharded["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tensor_parallel)
     hf_model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME, local_files_only=True
+        path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME, local_files_only=True, **sharded
     )
     _check_modules(hf_model)
     hf_model.to(dev).eval()  # type: ignore[arg-type]

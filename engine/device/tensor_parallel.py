@@ -1,0 +1,217 @@
+"""Tensor parallelism on torch.distributed: rank 0 decides, the other ranks follow.
+
+Rank 0 holds the engine core, the scheduler and the server. Each step it launches, it sends
+the step's host batch (token ids or placeholders, positions, slots, block tables: everything
+`device_step` reads) to the followers on a control group; every rank then runs the same
+forward, in which transformers' TP plan shards the layers and all-reduces on the default group,
+and the LM head gathers the logits on every rank. Only rank 0 samples. Under async overlap a
+step's placeholders are the previous step's sampled tokens: rank 0 broadcasts them after
+sampling, and the followers keep them for the next step.
+
+NOTE: two groups. The control group carries step messages from the engine thread at launch
+(so under overlap the message for step N+1 travels while step N computes) and has no timeout:
+an idle server sends nothing for hours. The default group carries the forward's collectives
+and the sampled tokens, from the thread that computes, with the step timeout. A follower
+whose leader vanished sees its parent change and exits; a leader whose follower died fails
+the engine from a watcher thread, so no rank waits forever in a collective.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+import torch.distributed as dist
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.device.batch import HostBatch
+
+log = structlog.get_logger("tandem.engine")
+
+CONTROL_TIMEOUT = timedelta(days=3650)  # step messages: a server may sit idle for hours
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # the forward's collectives, when no step timeout is set
+POLL_S = 0.2  # how often the leader checks its followers and a follower its leader
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    host: HostBatch
+    samples: int  # tokens rank 0 samples in this step (0: none)
+
+
+@dataclass(frozen=True)
+class Rank:
+    """What a rank needs to join the group."""
+
+    rank: int
+    world: int
+    store: str  # file:// rendezvous shared by the ranks (one machine)
+    config: EngineConfig
+    share_tokens: bool  # overlap: each step's sampled tokens resolve the next step's placeholders
+
+
+def rank_device(config: EngineConfig, rank: int) -> torch.device:
+    """cuda:rank on a GPU machine, else the CPU for every rank."""
+    from tandem.engine.model.loader import default_device
+
+    device = torch.device(config.device) if config.device else default_device()
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def check_devices(config: EngineConfig) -> None:
+    """Refuse more ranks than devices (GPUs, or CPU cores: each rank needs at least one)."""
+    n = config.tensor_parallel
+    device = rank_device(config, 0)
+    have = torch.cuda.device_count() if device.type == "cuda" else len(os.sched_getaffinity(0))
+    kind = "CUDA devices" if device.type == "cuda" else "CPU cores"
+    if n > have:
+        raise ValueError(f"tensor_parallel {n} needs {n} {kind}; this machine has {have}")
+
+
+def _join(me: Rank) -> Any:
+    """Init the default group (the forward's collectives) and return the control group."""
+    device = rank_device(me.config, me.rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # the ranks share the cores: one OpenMP team each, not N teams on every core
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // me.world))
+    timeout = me.config.step_timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=me.store, rank=me.rank, world_size=me.world, timeout=timedelta(seconds=timeout)
+    )
+    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+def agree_min(value: int, group: Any) -> int:
+    """The smallest `value` over the ranks (KV blocks: every rank must hold as many)."""
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
+class TensorParallel:
+    """Rank 0's side: starts the followers, sends them each step, watches them."""
+
+    def __init__(self, config: EngineConfig, share_tokens: bool, build: Callable[[EngineConfig, Any], Any]) -> None:
+        """`build(config, control)`: a follower's executor (tandem.engine.engine.build_follower),
+        passed in so that this module does not import the engine."""
+        self.world = config.tensor_parallel
+        self.share_tokens = share_tokens
+        self._dir = tempfile.mkdtemp(prefix="tandem-tp-")
+        store = Path(self._dir, "store").as_uri()
+        spawn = mp.get_context("spawn")  # a fork would copy the server's threads and torch state
+        self.followers = [
+            spawn.Process(
+                target=follow,
+                args=(Rank(r, self.world, store, config, share_tokens), build),
+                name=f"tandem-tp-rank{r}",
+                daemon=True,
+            )
+            for r in range(1, self.world)
+        ]
+        for p in self.followers:
+            p.start()
+        self._closed = False
+        try:
+            self.control = _join(Rank(0, self.world, store, config, share_tokens))
+        except BaseException:
+            self._stop_processes()
+            raise
+
+    # -- each step -------------------------------------------------------------------------
+    def send_step(self, host: HostBatch, samples: int) -> None:
+        dist.broadcast_object_list([StepMessage(host, samples)], src=0, group=self.control)
+
+    def send_tokens(self, tokens: torch.Tensor) -> None:
+        if self.share_tokens:
+            dist.broadcast(tokens, src=0)
+
+    # -- life ------------------------------------------------------------------------------
+    def watch(self, on_death: Callable[[str], None]) -> None:
+        """Call `on_death` (from a thread) once, when a follower exits before close()."""
+
+        def run() -> None:
+            while not self._closed:
+                for rank, p in enumerate(self.followers, start=1):
+                    if p.exitcode is not None and not self._closed:
+                        on_death(f"tensor-parallel rank {rank} exited with code {p.exitcode}")
+                        return
+                time.sleep(POLL_S)
+
+        threading.Thread(target=run, name="tandem-tp-watch", daemon=True).start()
+
+    def close(self) -> None:
+        """Tell the followers to stop and wait for them; a follower that is gone (or stuck) is
+        not waited on: a broadcast it cannot answer would never return."""
+        if self._closed:
+            return
+        self._closed = True
+        if all(p.is_alive() for p in self.followers):
+            try:
+                dist.broadcast_object_list([None], src=0, group=self.control)
+            except RuntimeError as exc:
+                log.warning("tensor_parallel_stop_failed", error=str(exc)[:200])
+        self._stop_processes()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _stop_processes(self, wait_s: float = 10.0) -> None:
+        deadline = time.monotonic() + wait_s
+        for p in self.followers:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for path in Path(self._dir).glob("*"):
+            path.unlink(missing_ok=True)
+        Path(self._dir).rmdir()
+
+
+# -- the followers ---------------------------------------------------------------------------
+def follow(me: Rank, build: Callable[[EngineConfig, Any], Any]) -> None:
+    """A follower's process: load this rank's shard and KV pool, then run every step rank 0 sends."""
+    # Rank 0 drains and stops the followers: a terminal's Ctrl-C or a pod's SIGTERM to the
+    # whole process group must not end a follower mid-collective.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_parent()
+    control = _join(me)
+    executor = build(replace(me.config, device=str(rank_device(me.config, me.rank))), control)
+    last: torch.Tensor | None = None  # the previous step's sampled tokens (overlap)
+    while True:
+        box: list[StepMessage | None] = [None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        msg = box[0]
+        if msg is None:
+            break
+        executor.follow_step(msg.host, last)
+        if me.share_tokens:
+            last = None
+            if msg.samples:
+                last = torch.empty(msg.samples, dtype=torch.int64, device=executor.device)
+                dist.broadcast(last, src=0)
+    executor.close()
+    dist.destroy_process_group()
+
+
+def _exit_with_parent() -> None:
+    parent = os.getppid()
+
+    def run() -> None:
+        while os.getppid() == parent:
+            time.sleep(POLL_S)
+        os._exit(1)  # the leader is gone: no step will ever come
+
+    threading.Thread(target=run, name="tandem-tp-parent", daemon=True).start()
