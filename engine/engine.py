@@ -22,7 +22,7 @@ from tandem.engine.config import CPU_DEFAULT_KV_GB, EngineConfig
 from tandem.engine.device.executor import Executor
 from tandem.engine.device.executor_worker import WorkerExecutor
 from tandem.engine.device.kv_cache import KVCache, KVLayout, cuda_budget_bytes, num_blocks_for
-from tandem.engine.device.tensor_parallel import TensorParallel, agree_min, check_devices, rank_device
+from tandem.engine.device.tensor_parallel import TensorParallel, check_devices, gather, rank_device
 from tandem.engine.device.warmup import step_peak_bytes
 from tandem.engine.errors import (
     EngineBusyError,
@@ -168,7 +168,8 @@ def build_follower(config: EngineConfig, control: Any) -> Executor:
     """A tensor-parallel follower's executor: its shard, and a KV pool of as many blocks as every rank holds."""
     loaded = load_model(config.model, config.dtype, config.device, config.tensor_parallel)
     layout = kv_layout(loaded, config)
-    kv = KVCache(layout, agree_min(kv_blocks(config, loaded, layout), control), loaded.device)
+    kv = KVCache(layout, min(gather(kv_blocks(config, loaded, layout), control)), loaded.device)
+    gather(kv.nbytes, control)  # in step with rank 0, which reports every rank's pool
     return Executor(loaded.model, kv, loaded.device, config.seed, config.attention)
 
 
@@ -179,9 +180,11 @@ def _build_leader(
     loaded = load_model(config.model, config.dtype, device, config.tensor_parallel)
     layout = kv_layout(loaded, config)
     num_blocks = kv_blocks(config, loaded, layout)
-    if tp is not None:
-        num_blocks = agree_min(num_blocks, tp.control)
+    if tp is not None:  # every rank holds as many blocks as the smallest budget allows
+        num_blocks = min(gather(num_blocks, tp.control))
     kv = KVCache(layout, num_blocks, loaded.device)
+    if tp is not None:
+        tp.kv_bytes = gather(kv.nbytes, tp.control)
     executor = make_executor(loaded, kv, config.seed, scheduler.overlap, config.attention)
     executor.tp = tp
     # NOTE: no graphs under TP: capturing the forward's NCCL collectives is not done (nor tested) yet.
@@ -351,6 +354,12 @@ class Engine:
     def attention(self) -> str:
         """How attention reads the KV cache (triton, cpu-kernel, gather)."""
         return self.core.executor.attention_kind
+
+    @property
+    def kv_bytes_per_rank(self) -> list[int]:
+        """Each rank's KV pool in bytes (one entry without tensor parallelism)."""
+        tp = self.core.executor.tp
+        return list(tp.kv_bytes) if tp is not None else [self.core.executor.kv.nbytes]
 
     @property
     def graph_buckets(self) -> list[int]:

@@ -32,6 +32,8 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
             device=str(m.device),
             attention=engine.attention,
             cuda_graph_buckets=engine.graph_buckets,
+            tensor_parallel=engine.config.tensor_parallel,
+            kv_bytes_per_rank=engine.kv_bytes_per_rank,
         )
 
     async def GetServerInfo(

@@ -94,11 +94,11 @@ def _join(me: Rank) -> Any:
     return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
-def agree_min(value: int, group: Any) -> int:
-    """The smallest `value` over the ranks (KV blocks: every rank must hold as many)."""
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return int(t.item())
+def gather(value: int, group: Any) -> list[int]:
+    """Every rank's `value`, in rank order (each rank calls this at the same point)."""
+    out = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.int64), group=group)
+    return [int(t.item()) for t in out]
 
 
 class TensorParallel:
@@ -124,6 +124,7 @@ class TensorParallel:
         for p in self.followers:
             p.start()
         self._closed = False
+        self.kv_bytes: list[int] = []  # each rank's KV pool (set once every rank has allocated it)
         try:
             self.control = _join(Rank(0, self.world, store, config, share_tokens))
         except BaseException:

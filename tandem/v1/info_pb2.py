@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tandem/v1/info.proto\x12\ttandem.v1\"\x15\n\x13GetModelInfoRequest\"\xcb\x01\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x11\n\tattention\x18\x08 \x01(\t\x12\x1a\n\x12\x63uda_graph_buckets\x18\t \x03(\x05\"\x16\n\x14GetServerInfoRequest\"\xb3\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tscheduler\x18\x02 \x01(\t\x12Q\n\x11scheduler_options\x18\x03 \x03(\x0b\x32\x36.tandem.v1.GetServerInfoResponse.SchedulerOptionsEntry\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\x05\x12\x13\n\x0bmax_waiting\x18\x06 \x01(\x05\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x11\n\tkv_blocks\x18\x08 \x01(\x05\x1a\x37\n\x15SchedulerOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x10\n\x0eGetLoadRequest\"\xb8\x01\n\x0fGetLoadResponse\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\x05\x12\x18\n\x10kv_blocks_cached\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\x12 \n\x18output_tokens_per_second\x18\x07 \x01(\x01\x32\xf4\x01\n\x0bInfoService\x12O\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x1f.tandem.v1.GetModelInfoResponse\x12R\n\rGetServerInfo\x12\x1f.tandem.v1.GetServerInfoRequest\x1a .tandem.v1.GetServerInfoResponse\x12@\n\x07GetLoad\x12\x19.tandem.v1.GetLoadRequest\x1a\x1a.tandem.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tandem/v1/info.proto\x12\ttandem.v1\"\x15\n\x13GetModelInfoRequest\"\xff\x01\n\x14GetModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x11\n\tattention\x18\x08 \x01(\t\x12\x1a\n\x12\x63uda_graph_buckets\x18\t \x03(\x05\x12\x17\n\x0ftensor_parallel\x18\n \x01(\x05\x12\x19\n\x11kv_bytes_per_rank\x18\x0b \x03(\x03\"\x16\n\x14GetServerInfoRequest\"\xb3\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tscheduler\x18\x02 \x01(\t\x12Q\n\x11scheduler_options\x18\x03 \x03(\x0b\x32\x36.tandem.v1.GetServerInfoResponse.SchedulerOptionsEntry\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\x05\x12\x13\n\x0bmax_waiting\x18\x06 \x01(\x05\x12\x12\n\nblock_size\x18\x07 \x01(\x05\x12\x11\n\tkv_blocks\x18\x08 \x01(\x05\x1a\x37\n\x15SchedulerOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x10\n\x0eGetLoadRequest\"\xb8\x01\n\x0fGetLoadResponse\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\x05\x12\x18\n\x10kv_blocks_cached\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\x12 \n\x18output_tokens_per_second\x18\x07 \x01(\x01\x32\xf4\x01\n\x0bInfoService\x12O\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x1f.tandem.v1.GetModelInfoResponse\x12R\n\rGetServerInfo\x12\x1f.tandem.v1.GetServerInfoRequest\x1a .tandem.v1.GetServerInfoResponse\x12@\n\x07GetLoad\x12\x19.tandem.v1.GetLoadRequest\x1a\x1a.tandem.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=35
   _globals['_GETMODELINFOREQUEST']._serialized_end=56
   _globals['_GETMODELINFORESPONSE']._serialized_start=59
-  _globals['_GETMODELINFORESPONSE']._serialized_end=262
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=264
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=286
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=289
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=596
-  _globals['_GETSERVERINFORESPONSE_SCHEDULEROPTIONSENTRY']._serialized_start=541
-  _globals['_GETSERVERINFORESPONSE_SCHEDULEROPTIONSENTRY']._serialized_end=596
-  _globals['_GETLOADREQUEST']._serialized_start=598
-  _globals['_GETLOADREQUEST']._serialized_end=614
-  _globals['_GETLOADRESPONSE']._serialized_start=617
-  _globals['_GETLOADRESPONSE']._serialized_end=801
-  _globals['_INFOSERVICE']._serialized_start=804
-  _globals['_INFOSERVICE']._serialized_end=1048
+  _globals['_GETMODELINFORESPONSE']._serialized_end=314
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=316
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=338
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=341
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=648
+  _globals['_GETSERVERINFORESPONSE_SCHEDULEROPTIONSENTRY']._serialized_start=593
+  _globals['_GETSERVERINFORESPONSE_SCHEDULEROPTIONSENTRY']._serialized_end=648
+  _globals['_GETLOADREQUEST']._serialized_start=650
+  _globals['_GETLOADREQUEST']._serialized_end=666
+  _globals['_GETLOADRESPONSE']._serialized_start=669
+  _globals['_GETLOADRESPONSE']._serialized_end=853
+  _globals['_INFOSERVICE']._serialized_start=856
+  _globals['_INFOSERVICE']._serialized_end=1100
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("name", "architecture", "context_length", "vocab_size", "eos_token_ids", "dtype", "device", "attention", "cuda_graph_buckets")
+    __slots__ = ("name", "architecture", "context_length", "vocab_size", "eos_token_ids", "dtype", "device", "attention", "cuda_graph_buckets", "tensor_parallel", "kv_bytes_per_rank")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,8 @@ class GetModelInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_RANK_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     context_length: int
@@ -30,7 +32,9 @@ class GetModelInfoResponse(_message.Message):
     device: str
     attention: str
     cuda_graph_buckets: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention: _Optional[str] = ..., cuda_graph_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+    tensor_parallel: int
+    kv_bytes_per_rank: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention: _Optional[str] = ..., cuda_graph_buckets: _Optional[_Iterable[int]] = ..., tensor_parallel: _Optional[int] = ..., kv_bytes_per_rank: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
