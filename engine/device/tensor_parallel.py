@@ -63,9 +63,7 @@ class Rank:
 
 def rank_device(config: EngineConfig, rank: int) -> torch.device:
     """cuda:rank on a GPU machine, else the CPU for every rank."""
-    from tandem.engine.model.loader import default_device
-
-    device = torch.device(config.device) if config.device else default_device()
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
