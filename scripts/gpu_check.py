@@ -83,14 +83,16 @@ def build_model(out: Path, cuda: bool) -> int:
 VARIANTS_CUDA = [("fcfs", "auto", True), ("async-overlap", "auto", True), ("fcfs", "auto", False),
                  ("async-overlap", "auto", False), ("fcfs", "gather", False)]  # fmt: skip
 VARIANTS_CPU = [("fcfs", "auto", True), ("async-overlap", "auto", True), ("fcfs", "gather", False)]
+SCHEDULERS = ("fcfs", "async-overlap")  # the --tensor-parallel rows
 
 
 def run_tandem(
-    path: Path, scheduler: str, batch: int, prompts, new: int, device: str, attention: str = "auto", graphs: bool = True
-) -> dict:
+    path: Path, scheduler: str, batch: int, prompts, new: int, device: str, attention: str = "auto",
+    graphs: bool = True, tensor_parallel: int = 1,
+) -> dict:  # fmt: skip
     config = EngineConfig(
         model=str(path), device=device, max_num_seqs=batch, max_batch_tokens=max(2048, batch * 16),
-        attention=attention, cuda_graphs=graphs,
+        attention=attention, cuda_graphs=graphs, tensor_parallel=tensor_parallel,
     )  # fmt: skip
     sched = load_scheduler(scheduler, {"policy": "fcfs"} if scheduler == "async-overlap" else {})
     stop = StoppingCriteria(max_new_tokens=new, ignore_eos=True)
@@ -108,8 +110,9 @@ def run_tandem(
         kernel = "triton" if executor.paged_kernel else "c++" if executor.fused_decode else "gather"
         replays = executor.graphs.replays if executor.graphs is not None else 0
     tokens = sum(len(c.token_ids) for c in done)
+    tp = f", TP {tensor_parallel}" if tensor_parallel > 1 else ""
     return dict(
-        system=f"tandem {scheduler} ({kernel}{', graphs' if replays else ''})",
+        system=f"tandem {scheduler} ({kernel}{', graphs' if replays else ''}{tp})",
         batch=batch,
         tokens_per_s=tokens / wall,
         wall_s=wall,
@@ -261,6 +264,13 @@ def main() -> int:
         default="all",
         help="transformers rows: with and without its async batching, without only, or none",
     )
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also run fcfs and async-overlap sharded over N GPUs (a multi-GPU machine; greedy checked too)",
+    )
     args = p.parse_args()
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
@@ -284,6 +294,9 @@ def main() -> int:
             prompts = [rng.integers(4, 500, int(rng.integers(32, 257))).tolist() for _ in range(2 * batch)]
             variants = VARIANTS_CUDA if cuda else VARIANTS_CPU
             rows = [run_tandem(path, name, batch, prompts, new, device, att, graphs) for name, att, graphs in variants]
+            if args.tensor_parallel > 1:
+                tp = args.tensor_parallel
+                rows += [run_tandem(path, name, batch, prompts, new, device, "auto", False, tp) for name in SCHEDULERS]
             outputs = [row.pop("outputs") for row in rows]
             identical &= outputs[0] == outputs[1]  # fcfs and async-overlap on the default path
             for row, out in zip(rows, outputs):
