@@ -39,7 +39,7 @@ def run_tandem(
     spec: str, model: str, work: Workload, device: str | None, dtype: str | None, rooflines: dict[int, float]
 ) -> Result:
     """One timed run of the workload; `rooflines` caches the matmul roofline per batch size."""
-    from tandem.bench.utilisation import matmul_roofline, model_flops, utilisation
+    from tandem.bench.utilisation import matmul_roofline, model_flops, read_bandwidth, utilisation
 
     name, _, policy = spec.partition(":")
     options = {"policy": policy} if policy else {}
@@ -69,9 +69,10 @@ def run_tandem(
     result.settings.update(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens)
     decode_batches = [t.decode_rows for t in stats.trace if t.decode_rows == t.tokens]
     if decode_batches:  # after the engine has stopped: a roofline measured now has the CPU alone
-        util = utilisation(stats.trace, model_flops(model_), roofline_at, max(decode_batches))
+        bandwidth = on_fresh_thread(read_bandwidth, model_.device)
+        util = utilisation(stats.trace, model_flops(model_), roofline_at, max(decode_batches), bandwidth)
         if util is not None:
-            result.extra["utilisation"] = asdict(util) | dict(fraction=util.fraction)
+            result.extra["utilisation"] = asdict(util) | util.figures()
     result.extra["steps"] = len(stats.trace)
     result.output_tokens = sum(len(c.token_ids) for c in done)
     result.extra["cached_tokens"] = [c.num_cached_tokens for c in done]  # prefix-cache hits, per request
@@ -391,7 +392,10 @@ def speedups(report: dict) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'system':<48}{'tok/s':>9}{'seconds':>9}{'idle':>7}{'decode GFLOP/s':>16}{'roofline':>10}"]
+    lines = [
+        f"{'system':<48}{'tok/s':>9}{'seconds':>9}{'idle':>7}{'decode GFLOP/s':>16}{'roofline':>10}"
+        f"{'step ms':>9}{'limit ms':>10}{'ceiling':>9}"
+    ]
     for r in report["results"]:
         if r["error"]:
             lines.append(f"{r['system']:<48}{'-':>9}{'-':>9}{'-':>7}  ({r['error'][:60]})")
@@ -400,7 +404,14 @@ def table(report: dict) -> str:
         util = r["extra"].get("utilisation")
         flops = f"{util['achieved_flops'] / 1e9:.1f} @{util['batch']}" if util else "-"
         frac = f"{util['fraction']:.0%}" if util else "-"
-        lines.append(f"{r['system']:<48}{r['tokens_per_s']:>9.1f}{r['seconds']:>9.2f}{idle:>7}{flops:>16}{frac:>10}")
+        limit = (
+            f"{util['step_seconds'] * 1e3:>9.1f}{util['limit_seconds'] * 1e3:>10.1f}{util['ceiling']:>9.0%}"
+            if util and util.get("limit_seconds")
+            else ""
+        )
+        lines.append(
+            f"{r['system']:<48}{r['tokens_per_s']:>9.1f}{r['seconds']:>9.2f}{idle:>7}{flops:>16}{frac:>10}{limit}"
+        )
     for name, value in speedups(report).items():
         lines.append(f"{name}: {value:.2f}x")
     return "\n".join(lines)

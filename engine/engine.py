@@ -185,6 +185,7 @@ def _build_leader(
     kv = KVCache(layout, num_blocks, loaded.device)
     if tp is not None:
         tp.kv_bytes = gather(kv.nbytes, tp.control)
+        tp.started()
     executor = make_executor(loaded, kv, config.seed, scheduler.overlap, config.attention)
     executor.tp = tp
     # NOTE: no graphs under TP: capturing the forward's NCCL collectives is not done (nor tested) yet.

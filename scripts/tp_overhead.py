@@ -69,7 +69,8 @@ def main() -> None:
     args = p.parse_args()
     results = [measure(args.model, tp, args.rows, args.steps) for _ in range(args.rounds) for tp in (1, 2)]
     print(
-        f"{'TP':>3}{'ms/step':>10}{'collectives':>13}{'matmuls':>10}  (rank 0, {args.rows} decode rows, under the profiler)"
+        f"{'TP':>3}{'ms/step':>10}{'collectives':>13}{'matmuls':>10}"
+        f"  (rank 0, {args.rows} decode rows, under the profiler)"
     )
     for r in results:
         top = ", ".join(f"{k} {v:.1f}" for k, v in r["top_others"].items())

@@ -73,6 +73,9 @@ def test_bench_offline_small_writes_well_formed_json_and_plots(tmp_path) -> None
         assert r["output_tokens"] == report["workload"]["output_tokens"] and r["tokens_per_s"] > 0
     util = report["results"][0]["extra"]["utilisation"]
     assert util["roofline_flops"] > 0 and 0 < util["fraction"] and util["steps"] > 0
+    # The memory side: a step takes at least its matmuls at the roofline plus its K/V at the read bandwidth.
+    assert util["read_bandwidth"] > 0 and util["kv_bytes"] > 0 and util["weight_bytes"] > 0
+    assert 0 < util["limit_seconds"] <= util["step_seconds"] and util["fraction"] < util["ceiling"]
     assert "best tandem / best generate_batch" in res.stdout
     png = (plots / "offline_offline-small_throughput.png").read_bytes()
     assert png.startswith(b"\x89PNG")

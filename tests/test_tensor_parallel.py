@@ -210,6 +210,25 @@ def test_a_follower_that_dies_ends_the_service_with_a_status(when: str) -> None:
         assert "tensor-parallel rank 1 exited with code -9" in server_log(proc)
 
 
+def test_a_failed_step_on_rank_0_stops_the_follower_waiting_in_its_collective() -> None:
+    """Rank 0's fourth forward raises (warm-up included) after the step went to the follower,
+    which then waits in the forward's first all-reduce: the server must still exit, and take
+    the follower with it."""
+    proc, target = start_server("--model", "tiny-llama", "--tensor-parallel", "2", env={"TANDEM_TEST_FAULT": "raise:4"})
+    (follower,) = _follower_pids(proc)
+    try:
+        with grpc.insecure_channel(target) as ch:
+            with pytest.raises(grpc.RpcError) as info:
+                list(pb_grpc.GenerationServiceStub(ch).GenerateStream(_stream(PROMPTS[0], 32), timeout=60))
+        assert info.value.code() == grpc.StatusCode.INTERNAL and "injected fault" in str(info.value.details())
+        assert proc.wait(60) == 70
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _gone(follower)
+
+
 def _stream(prompt: list[int], n: int) -> pb.GenerateStreamRequest:
     return pb.GenerateStreamRequest(
         token_ids=pb.TokenIds(ids=prompt),

@@ -42,6 +42,7 @@ log = structlog.get_logger("tandem.engine")
 CONTROL_TIMEOUT = timedelta(days=3650)  # step messages: a server may sit idle for hours
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # the forward's collectives, when no step timeout is set
 POLL_S = 0.2  # how often the leader checks its followers and a follower its leader
+STOP_WAIT_S = 10.0  # for the followers to take the stop message, then for them to exit
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class TensorParallel:
         for p in self.followers:
             p.start()
         self._closed = False
+        self._ready = False  # set by started(): before it, a follower may be in a start-up collective
         self.kv_bytes: list[int] = []  # each rank's KV pool (set once every rank has allocated it)
         try:
             self.control = _join(Rank(0, self.world, store, config, share_tokens))
@@ -151,22 +153,33 @@ class TensorParallel:
 
         threading.Thread(target=run, name="tandem-tp-watch", daemon=True).start()
 
+    def started(self) -> None:
+        """Every rank has its shard and pool: from now on the followers wait for step messages."""
+        self._ready = True
+
     def close(self) -> None:
-        """Tell the followers to stop and wait for them; a follower that is gone (or stuck) is
-        not waited on: a broadcast it cannot answer would never return."""
+        """Tell the followers to stop and wait for them. The stop message is sent from a thread
+        given STOP_WAIT_S: a follower that failed start-up, or is stuck in a step's collective
+        after rank 0's step failed, never takes it, and the control group has no timeout; such
+        a follower is killed."""
         if self._closed:
             return
         self._closed = True
-        if all(p.is_alive() for p in self.followers):
-            try:
-                dist.broadcast_object_list([None], src=0, group=self.control)
-            except RuntimeError as exc:
-                log.warning("tensor_parallel_stop_failed", error=str(exc)[:200])
+        if self._ready and all(p.is_alive() for p in self.followers):
+            sender = threading.Thread(target=self._send_stop, name="tandem-tp-stop", daemon=True)
+            sender.start()
+            sender.join(STOP_WAIT_S)
         self._stop_processes()
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def _stop_processes(self, wait_s: float = 10.0) -> None:
+    def _send_stop(self) -> None:
+        try:
+            dist.broadcast_object_list([None], src=0, group=self.control)
+        except RuntimeError as exc:  # a follower died meanwhile
+            log.warning("tensor_parallel_stop_failed", error=str(exc)[:200])
+
+    def _stop_processes(self, wait_s: float = STOP_WAIT_S) -> None:
         deadline = time.monotonic() + wait_s
         for p in self.followers:
             p.join(max(0.0, deadline - time.monotonic()))
