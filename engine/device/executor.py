@@ -196,7 +196,12 @@ class Executor:
     # -- the launch / collect interface ----------------------------------------------------
     def launch(self, batch: StepBatch, prev: StepHandle | None = None) -> StepHandle:
         handle = self._prepare(batch, prev, StepHandle)
-        self._execute(handle)
+        try:
+            self._execute(handle)
+        except BaseException as exc:
+            if self.tp is not None:  # the followers wait in this step's collectives
+                self.tp.abort(repr(exc))
+            raise
         return handle
 
     def collect(self, handle: StepHandle) -> StepResult:

@@ -55,5 +55,7 @@ class WorkerExecutor(Executor):
                 self._compute(handle, torch.from_numpy(handle.host.flat))
             except BaseException as exc:  # noqa: BLE001 - handed to collect()
                 handle.error = exc
+                if self.tp is not None:  # the followers wait in this step's collectives
+                    self.tp.abort(repr(exc))
             self._account(handle, start, time.perf_counter())
             handle.done.set()

@@ -9,17 +9,22 @@ step's placeholders are the previous step's sampled tokens: rank 0 broadcasts th
 sampling, and the followers keep them for the next step.
 
 NOTE: two groups. The control group carries step messages from the engine thread at launch
-(so under overlap the message for step N+1 travels while step N computes) and has no timeout:
-an idle server sends nothing for hours. The default group carries the forward's collectives
-and the sampled tokens, from the thread that computes, with the step timeout. A follower
-whose leader vanished sees its parent change and exits; a leader whose follower died fails
-the engine from a watcher thread, so no rank waits forever in a collective.
+and has no timeout: an idle server sends nothing for hours. A gloo send completes only once
+the receiver has posted its receive, so each follower takes messages on a thread of their own:
+under overlap the message for step N+1 is taken while the follower computes step N. The
+default group carries the forward's collectives and the sampled tokens, from the thread that
+computes, with the step timeout. A follower whose leader vanished sees its parent change and
+exits; a leader whose follower died fails the engine from a watcher thread; a step that fails
+on rank 0 under overlap kills the followers (`abort`), since rank 0's engine thread may be
+waiting for them to take the next step while they wait in the failed step's collective.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
+import queue
 import signal
 import tempfile
 import threading
@@ -120,20 +125,38 @@ class TensorParallel:
             )
             for r in range(1, self.world)
         ]
-        for p in self.followers:
-            p.start()
         self._closed = False
         self._ready = False  # set by started(): before it, a follower may be in a start-up collective
+        self._aborted: str | None = None
         self.kv_bytes: list[int] = []  # each rank's KV pool (set once every rank has allocated it)
+        self._threads = torch.get_num_threads()  # _join shares the cores out; close() gives them back
+        # NOTE: followers ignore SIGTERM, so multiprocessing's own exit hook (SIGTERM, then an
+        # unbounded join) would wait forever on idle ones when close() was never reached (an
+        # engine left unclosed, a wedged engine thread): kill them first (atexit runs LIFO).
+        atexit.register(self._kill)
         try:
+            for p in self.followers:
+                p.start()
             self.control = _join(Rank(0, self.world, store, config, share_tokens))
         except BaseException:
-            self._stop_processes()
+            self._stop_processes(wait_s=0.0)
             raise
 
     # -- each step -------------------------------------------------------------------------
     def send_step(self, host: HostBatch, samples: int) -> None:
-        dist.broadcast_object_list([StepMessage(host, samples)], src=0, group=self.control)
+        try:
+            dist.broadcast_object_list([StepMessage(host, samples)], src=0, group=self.control)
+        except RuntimeError as exc:
+            if self._aborted is not None:  # the real error, not the killed followers' reset sockets
+                raise RuntimeError(self._aborted) from exc
+            raise
+
+    def abort(self, reason: str) -> None:
+        """A step failed on rank 0 after the followers had it: they wait in its collectives, and
+        the engine thread may wait for them to take the next step. Kill them: both fail now."""
+        if self._aborted is None:
+            self._aborted = f"a step failed on rank 0: {reason}"
+            self._kill()
 
     def send_tokens(self, tokens: torch.Tensor) -> None:
         if self.share_tokens:
@@ -146,7 +169,7 @@ class TensorParallel:
         def run() -> None:
             while not self._closed:
                 for rank, p in enumerate(self.followers, start=1):
-                    if p.exitcode is not None and not self._closed:
+                    if p.exitcode is not None and not self._closed and self._aborted is None:
                         on_death(f"tensor-parallel rank {rank} exited with code {p.exitcode}")
                         return
                 time.sleep(POLL_S)
@@ -170,8 +193,9 @@ class TensorParallel:
             sender.start()
             sender.join(STOP_WAIT_S)
         self._stop_processes()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        atexit.unregister(self._kill)
+        _finish()
+        torch.set_num_threads(self._threads)
 
     def _send_stop(self) -> None:
         try:
@@ -179,9 +203,16 @@ class TensorParallel:
         except RuntimeError as exc:  # a follower died meanwhile
             log.warning("tensor_parallel_stop_failed", error=str(exc)[:200])
 
+    def _kill(self) -> None:
+        for p in self.followers:
+            if p.is_alive():
+                p.kill()
+
     def _stop_processes(self, wait_s: float = STOP_WAIT_S) -> None:
         deadline = time.monotonic() + wait_s
         for p in self.followers:
+            if p.pid is None:  # never started
+                continue
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
@@ -201,13 +232,10 @@ def follow(me: Rank, build: Callable[[EngineConfig, Any], Any]) -> None:
     _exit_with_parent()
     control = _join(me)
     executor = build(replace(me.config, device=str(rank_device(me.config, me.rank))), control)
+    inbox: queue.SimpleQueue[StepMessage | None] = queue.SimpleQueue()
+    threading.Thread(target=_take_messages, args=(control, inbox), name="tandem-tp-inbox", daemon=True).start()
     last: torch.Tensor | None = None  # the previous step's sampled tokens (overlap)
-    while True:
-        box: list[StepMessage | None] = [None]
-        dist.broadcast_object_list(box, src=0, group=control)
-        msg = box[0]
-        if msg is None:
-            break
+    while (msg := inbox.get()) is not None:
         executor.follow_step(msg.host, last)
         if me.share_tokens:
             last = None
@@ -215,7 +243,28 @@ def follow(me: Rank, build: Callable[[EngineConfig, Any], Any]) -> None:
                 last = torch.empty(msg.samples, dtype=torch.int64, device=executor.device)
                 dist.broadcast(last, src=0)
     executor.close()
-    dist.destroy_process_group()
+    _finish()
+
+
+def _take_messages(control: Any, inbox: queue.SimpleQueue) -> None:
+    """A follower's control-group receiver: rank 0's sends complete as soon as this takes them."""
+    while True:
+        box: list[StepMessage | None] = [None]
+        try:
+            dist.broadcast_object_list(box, src=0, group=control)
+        except RuntimeError:  # rank 0 is gone: the parent watch ends this process
+            return
+        inbox.put(box[0])
+        if box[0] is None:
+            return
+
+
+def _finish() -> None:
+    """Leave the group once this rank's device work is done (NCCL work may still be queued)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _exit_with_parent() -> None:
