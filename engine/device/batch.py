@@ -110,6 +110,9 @@ class PreparedStep:
     copy_dst: torch.Tensor
 
 
+_PAD = np.zeros(1, np.int64)
+
+
 def build_host_batch(
     batch: StepBatch, block_size: int, group_cost: int = DEFAULT_GROUP_COST, paged: bool = False
 ) -> HostBatch:
@@ -182,12 +185,17 @@ def build_host_batch(
         paged_lens=lens,
         paged_tables=paged_tables,
     )
-    spans, offset = {}, 0
+    # NOTE: every section starts 16-byte aligned (an even int64 offset). Triton specializes a
+    # kernel on its pointers' alignment: unaligned views compiled new variants mid-serving.
+    spans, pieces, offset = {}, [], 0
     for name, part in parts.items():
         spans[name] = (offset, len(part))
-        offset += len(part)
+        pieces.append(part.astype(np.int64, copy=False))
+        if len(part) % 2:
+            pieces.append(_PAD)
+        offset += len(part) + len(part) % 2
     sections = Sections(**spans)
-    flat = np.concatenate([p.astype(np.int64, copy=False) for p in parts.values()])
+    flat = np.concatenate(pieces)
     # each query at position p attends over p + 1 keys
     attended = int(positions.sum()) + total
     width = tables.shape[1] if paged else 0

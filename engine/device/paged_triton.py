@@ -22,7 +22,9 @@ def tile_for(head_dim: int) -> int:
     return 64 if head_dim <= 128 else 32
 
 
-@triton.jit
+# NOTE: the table stride (blocks per row) changes from step to step; specialized on its value
+# (1, a multiple of 16, other) it would compile a variant for each class mid-serving.
+@triton.jit(do_not_specialize=["stride_table"])
 def _paged_attention_kernel(
     q_ptr,  # [N, H, D]
     k_ptr,  # [slots, KVH, D]
@@ -87,6 +89,12 @@ def _paged_attention_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=head_ok[:, None] & dim_ok[None, :],
     )
+
+
+def compiled_variants() -> int:
+    """How many variants of the kernel Triton has compiled in this process, on every device."""
+    caches = getattr(_paged_attention_kernel, "device_caches", {})
+    return sum(len(entry[0]) for entry in caches.values())
 
 
 def paged_attention(
