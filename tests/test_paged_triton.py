@@ -114,7 +114,7 @@ def test_the_engine_on_the_kernel_is_the_models_greedy_choice(model: str, schedu
     config = dict(model=path, attention="triton", max_batch_tokens=32, max_num_seqs=4, block_size=8)
     misaligned: list[int] = []
 
-    def kernel(q, k, v, tables, table_of, lens, *rest):  # type: ignore[no-untyped-def]
+    def kernel(q, k, v, tables, table_of, lens, *rest):
         misaligned.extend(t.data_ptr() % 16 for t in (tables, table_of, lens) if t.data_ptr() % 16)
         return paged_attention(q, k, v, tables, table_of, lens, *rest)
 
