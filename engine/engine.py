@@ -33,6 +33,7 @@ from tandem.engine.errors import (
 )
 from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.core import EngineCore
+from tandem.engine.host.heap import freeze_startup_heap, thaw_heap
 from tandem.engine.host.kv_events import KvEventLog
 from tandem.engine.host.scheduling import Scheduler
 from tandem.engine.host.sequence import Sequence
@@ -170,7 +171,9 @@ def build_follower(config: EngineConfig, control: Any) -> Executor:
     layout = kv_layout(loaded, config)
     kv = KVCache(layout, min(gather(kv_blocks(config, loaded, layout), control)), loaded.device)
     gather(kv.nbytes, control)  # in step with rank 0, which reports every rank's pool
-    return Executor(loaded.model, kv, loaded.device, config.seed, config.attention)
+    executor = Executor(loaded.model, kv, loaded.device, config.seed, config.attention)
+    freeze_startup_heap()
+    return executor
 
 
 def _build_leader(
@@ -239,6 +242,7 @@ class Engine:
         self._snapshot = self._counters()
         # Tokenizing a long prompt takes a while: async callers do it here, off their event loop.
         self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tandem-tokenize")
+        freeze_startup_heap()
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
         if (tp := self.core.executor.tp) is not None:  # a follower that dies fails every request
@@ -402,6 +406,7 @@ class Engine:
             log.error("engine_thread_wedged", timeout_seconds=timeout)
             return
         self.core.close()
+        thaw_heap()  # this engine's model and pools may be freed only by a collection
 
     def __enter__(self) -> Engine:
         return self
