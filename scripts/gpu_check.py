@@ -4,13 +4,13 @@
 
 On CUDA it builds a random-weight Llama-architecture model of about 0.5B parameters (bf16),
 checks that synchronous fcfs and async-overlap give identical tokens, and prints output
-tokens/s, the device-idle fraction and device time per step at two batch sizes, for the
-default path (the Triton paged kernel and CUDA graphs) and without graphs, and without the
-kernel (gather + SDPA), next to transformers' own
-continuous batching (`generate_batch`) with and without its async batching, on the same model
-and prompts. Each tandem row's greedy tokens are checked against a float32 transformers
-reference, tie-aware, and so are two built-in presets. Without CUDA it makes the same pass on
-a tiny model on the CPU (CI runs it).
+tokens/s (the median of `--repeats` timed runs on one engine), the device-idle fraction and
+device time per step at two batch sizes, for the default path (the Triton paged kernel and
+CUDA graphs) and without graphs, and without the kernel (gather + SDPA), next to
+transformers' own continuous batching (`generate_batch`) with and without its async
+batching, on the same model and prompts. Each tandem row's greedy tokens are checked against
+a float32 transformers reference, tie-aware, and so are two built-in presets. Without CUDA it
+makes the same pass on a tiny model on the CPU (CI runs it).
 
 The schedulers are found through the package's entry points, so the package must be installed
 (on a bare GPU machine: `pip install --no-deps --no-build-isolation --no-index .`, or carry the
@@ -89,7 +89,7 @@ SCHEDULERS = ("fcfs", "async-overlap")  # the --tensor-parallel rows
 
 def run_tandem(
     path: Path, scheduler: str, batch: int, prompts, new: int, device: str, attention: str = "auto",
-    graphs: bool = True, tensor_parallel: int = 1,
+    graphs: bool = True, tensor_parallel: int = 1, repeats: int = 1,
 ) -> dict:  # fmt: skip
     config = EngineConfig(
         model=str(path), device=device, max_num_seqs=batch, max_batch_tokens=max(2048, batch * 16),
@@ -105,9 +105,12 @@ def run_tandem(
         stats = executor.stats
         busy0, idle0, steps0 = stats.busy_seconds, stats.idle_seconds, stats.steps
         compiled0 = triton_variants()
-        start = time.perf_counter()
-        done = engine.generate(prompts, SamplingParams(temperature=0), stop)
-        wall = time.perf_counter() - start
+        walls, runs = [], []
+        for _ in range(repeats):  # a timed run is short: its median is steadier than one
+            start = time.perf_counter()
+            runs.append(engine.generate(prompts, SamplingParams(temperature=0), stop))
+            walls.append(time.perf_counter() - start)
+        done = runs[0]
         compiles = triton_variants() - compiled0  # Triton compiles while timed: should be none
         busy, idle, steps = stats.busy_seconds - busy0, stats.idle_seconds - idle0, stats.steps - steps0
         kernel = "triton" if executor.paged_kernel else "c++" if executor.fused_decode else "gather"
@@ -117,8 +120,10 @@ def run_tandem(
     return dict(
         system=f"tandem {scheduler} ({kernel}{', graphs' if replays else ''}{tp})",
         batch=batch,
-        tokens_per_s=tokens / wall,
-        wall_s=wall,
+        tokens_per_s=tokens / float(np.median(walls)),
+        runs_tokens_per_s=[tokens / w for w in walls],
+        wall_s=float(np.median(walls)),
+        repeats_identical=all([c.token_ids for c in r] == [c.token_ids for c in done] for r in runs),
         idle_fraction=idle / (busy + idle) if busy + idle else None,
         step_ms=1e3 * busy / steps if steps else None,  # device time per step (CUDA events on CUDA)
         graph_steps=replays,
@@ -335,6 +340,7 @@ def main() -> int:
         metavar="N",
         help="also run fcfs and async-overlap sharded over N GPUs (a multi-GPU machine; greedy checked too)",
     )
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per tandem row (same engine); the median")
     args = p.parse_args()
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
@@ -362,7 +368,7 @@ def main() -> int:
             runs += [(name, "auto", False, args.tensor_parallel) for name in SCHEDULERS if args.tensor_parallel > 1]
             outputs = []
             for name, att, graphs, tp in runs:
-                row = run_tandem(path, name, batch, prompts, new, device, att, graphs, tp)
+                row = run_tandem(path, name, batch, prompts, new, device, att, graphs, tp, args.repeats)
                 outputs.append(row.pop("outputs"))
                 row.update(greedy_check(ref, prompts, outputs[-1], device))
                 ok &= row["mismatches"] == 0
