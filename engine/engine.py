@@ -33,7 +33,7 @@ from tandem.engine.errors import (
 )
 from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.core import EngineCore
-from tandem.engine.host.heap import freeze_startup_heap, thaw_heap
+from tandem.engine.host.heap import collect_before_build, freeze_startup_heap, thaw_heap
 from tandem.engine.host.kv_events import KvEventLog
 from tandem.engine.host.scheduling import Scheduler
 from tandem.engine.host.sequence import Sequence
@@ -227,6 +227,7 @@ class Engine:
         if not isinstance(scheduler, Scheduler):
             raise TypeError(f"scheduler must be a Scheduler instance, got {scheduler!r}")
         self.config = replace(config or EngineConfig(), **overrides)
+        collect_before_build()
         self.core, self.model = on_fresh_thread(build_core, self.config, scheduler)  # see tandem.engine.host.threads
         self.tokenizer = self.model.tokenizer
         self.scheduler_name = scheduler.name or type(scheduler).__name__

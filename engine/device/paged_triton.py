@@ -91,9 +91,12 @@ def _paged_attention_kernel(
     )
 
 
-def compiled_variants() -> int:
-    """How many variants of the kernel Triton has compiled in this process, on every device."""
-    caches = getattr(_paged_attention_kernel, "device_caches", {})
+def compiled_variants() -> int | None:
+    """How many variants of the kernel Triton has compiled in this process, on every device
+    (None where this Triton keeps its cache elsewhere: `device_caches` is not public API)."""
+    caches = getattr(_paged_attention_kernel, "device_caches", None)
+    if caches is None:
+        return None
     return sum(len(entry[0]) for entry in caches.values())
 
 
