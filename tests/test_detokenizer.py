@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tandem.engine import Engine, SamplingParams, StoppingCriteria
-from tandem.engine.host.detokenizer import IncrementalDetokenizer
+from tandem.engine.host.detokenizer import IncrementalDetokenizer, decoder_of
 
 MULTIBYTE = "héllo wörld ☃ 中文字符 日本語 한국어 😀🚀👩‍💻 🇫🇷 ∑∫ €"
 texts = st.text(
@@ -114,3 +114,14 @@ def test_stop_strings_before_min_new_tokens_do_not_count(tiny_llama) -> None:
             found = True
             break
     assert found and detok.text == "xx STOP yy and "
+
+
+def test_fast_tokenizers_decode_through_their_backend_unless_they_clean_up(tiny_llama) -> None:
+    """The tests above compare the streamed text with `tokenizer.decode`: through this path."""
+    import copy
+
+    tok = tiny_llama.tokenizer
+    assert decoder_of(tok) == tok._tokenizer.decode
+    cleaning = copy.copy(tok)
+    cleaning.clean_up_tokenization_spaces = True  # transformers rewrites the text: its own decode
+    assert decoder_of(cleaning) == cleaning.decode

@@ -10,6 +10,7 @@ string is never partly emitted before it is recognised.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -23,10 +24,21 @@ class Tokenizer(Protocol):
     def get_vocab(self) -> dict[str, int]: ...
 
 
+def decoder_of(tokenizer: Tokenizer) -> Callable[..., str]:
+    """`tokenizer.decode`, or, for a fast tokenizer that would return the backend's text as is
+    (no clean-up of tokenization spaces), the backend's own decode: the same text without
+    transformers' wrapper, 0.9 instead of 3.0 us a call, and each token of each row calls it twice."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    clean_up = getattr(tokenizer, "clean_up_tokenization_spaces", True)
+    if backend is None or not hasattr(backend, "decode") or clean_up:
+        return tokenizer.decode
+    return backend.decode
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, stop_strings: list[str] | None = None, include_stop: bool = False) -> None:
         self.include_stop = include_stop  # keep the matched stop string at the end of the text
-        self._decode = tokenizer.decode
+        self._decode = decoder_of(tokenizer)
         self.stop_strings = list(stop_strings or [])
         self._holdback = max((len(s) for s in self.stop_strings), default=1) - 1
         self.ids: list[int] = []
