@@ -125,3 +125,11 @@ def test_fast_tokenizers_decode_through_their_backend_unless_they_clean_up(tiny_
     cleaning = copy.copy(tok)
     cleaning.clean_up_tokenization_spaces = True  # transformers rewrites the text: its own decode
     assert decoder_of(cleaning) == cleaning.decode
+
+    class Overriding(type(tok)):  # type: ignore[misc]  # a model's tokenizer with its own decoding (as CodeGen's)
+        def _decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            return super()._decode(token_ids, skip_special_tokens, **kwargs).upper()
+
+    overriding = copy.copy(tok)
+    overriding.__class__ = Overriding
+    assert decoder_of(overriding) == overriding.decode
