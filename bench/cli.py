@@ -80,9 +80,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.goodput,
         args.json,
         offline_baseline=args.offline_baseline,
+        repeats=args.repeats,
     )
     print(f"workload {args.workload}; {report['environment']}")
     print(table(report))
+    for scheduler, by_rate in report.get("of_offline_median", {}).items():
+        medians = ", ".join(f"rate {rate}: {m:.3f}" for rate, m in by_rate.items())
+        print(f"{scheduler} gRPC / offline, median of {args.repeats} rounds: {medians}")
     _plots(report, args.plots)
     return 0
 
@@ -235,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline-baseline",
         action="store_true",
         help="after each local server, run the same workload in-process; report gRPC / offline",
+    )
+    serve.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of every local server (and baseline), alternated; with --offline-baseline, the median",
     )
     serve.add_argument("--seed", type=int, default=0, help="workload seed")
     serve.add_argument("--json", default=None, help="write every figure, per-request latencies and the environment")

@@ -314,6 +314,13 @@ def _add_offline_baseline(server: dict, scheduler: str, model: str, work: Worklo
         run["of_offline"] = run["output_throughput"] / result.tokens_per_s
 
 
+def _median_of_offline(servers: list[dict], scheduler: str, rate: float) -> float:
+    """The median gRPC / offline fraction of `scheduler`'s rounds at `rate`."""
+    rounds = [sv for sv in servers if sv["scheduler"] == scheduler]
+    ratios = [r["of_offline"] for sv in rounds for r in sv["runs"] if r["rate"] == rate]
+    return float(np.median(ratios))
+
+
 def parse_goodput(items: list[str]) -> tuple[float | None, float | None]:
     """`ttft:500 tpot:50` (milliseconds) -> (ttft, tpot)."""
     slo: dict[str, float] = {}
@@ -338,15 +345,20 @@ def bench_serve(
     json_path: str | None = None,
     server_args: list[str] | None = None,
     offline_baseline: bool = False,
+    repeats: int = 1,
 ) -> dict:
     """Against `target`, or against a local `tandem serve` per scheduler, one after the other.
     `offline_baseline` (local servers only): after each server stops, the same workload runs
-    through the engine in this process, and every run reports its throughput as a fraction of it."""
+    through the engine in this process, and every run reports its throughput as a fraction of it.
+    `repeats` (local servers): the whole round, every scheduler, that many times, alternated;
+    with the baseline, the report adds each scheduler's median fraction per rate."""
     import json
 
     from tandem.bench.offline import environment
     from tandem.bench.workloads import make
 
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
     slo_ttft, slo_tpot = parse_goodput(goodput or [])
     servers: list[dict[str, Any]] = []
 
@@ -379,9 +391,13 @@ def bench_serve(
     if target:
         if offline_baseline:
             raise ValueError("--offline-baseline runs the local servers' model in-process: leave out --target")
+        if repeats > 1:
+            raise ValueError("--repeats starts local servers afresh each round: leave out --target")
         measure(itertools.repeat(target), target)  # one server: later rates meet a warm prefix cache
     else:
-        for scheduler in schedulers:
+        # NOTE: rounds alternate, so drift on a shared machine reaches every scheduler (and,
+        # with the baseline, the served and the offline side) alike.
+        for rep, scheduler in itertools.product(range(repeats), schedulers):
 
             def fresh(scheduler: str = scheduler) -> Generator[str, None, None]:
                 # NOTE: a fresh server per rate: one kept across rates would serve every rate
@@ -390,8 +406,10 @@ def bench_serve(
                     with LocalServer(model, scheduler, server_args) as server:
                         yield server.target
 
+            label = f"tandem {scheduler}" + (f" #{rep + 1}" if repeats > 1 else "")
             with contextlib.closing(fresh()) as servers_per_rate:  # closing stops the last one
-                work = measure(servers_per_rate, f"tandem {scheduler}")
+                work = measure(servers_per_rate, label)
+            servers[-1]["scheduler"] = scheduler
             if offline_baseline:  # the server has stopped: the two never share the CPU
                 _add_offline_baseline(servers[-1], scheduler, model, work)
     report = dict(
@@ -404,6 +422,11 @@ def bench_serve(
         environment=environment(servers[0]["info"]["model"], servers[0]["info"]["device"], servers[0]["info"]["dtype"]),
         servers=servers,
     )
+    if offline_baseline and repeats > 1:
+        report["of_offline_median"] = {
+            scheduler: {str(rate): _median_of_offline(servers, scheduler, rate) for rate in rates}
+            for scheduler in schedulers
+        }
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)

@@ -118,6 +118,8 @@ def test_bench_serve_sweep_against_local_server(tmp_path) -> None:
             "--plots",
             str(plots),
             "--offline-baseline",
+            "--repeats",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -125,15 +127,20 @@ def test_bench_serve_sweep_against_local_server(tmp_path) -> None:
     )
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
-    [server] = report["servers"]
-    assert server["info"]["scheduler"] == "fcfs" and [r["rate"] for r in server["runs"]] == [20.0, float("inf")]
-    for run in server["runs"]:
-        assert run["completed"] == server["workload"]["requests"] and not run["errors"]
-        assert sum(r["output_tokens"] for r in run["records"]) == server["workload"]["output_tokens"]
-        assert 0 < run["ttft_ms"]["p50"] <= run["ttft_ms"]["p99"] <= run["e2e_ms"]["p99"]
-        assert run["goodput"]["request_throughput"] == run["request_throughput"]  # SLOs no request can miss
-        assert run["of_offline"] == pytest.approx(run["output_throughput"] / server["offline"]["output_throughput"])
-    assert "/offline" in res.stdout
+    assert [s["label"] for s in report["servers"]] == ["tandem fcfs #1", "tandem fcfs #2"]
+    for server in report["servers"]:
+        assert server["info"]["scheduler"] == "fcfs" and [r["rate"] for r in server["runs"]] == [20.0, float("inf")]
+        for run in server["runs"]:
+            assert run["completed"] == server["workload"]["requests"] and not run["errors"]
+            assert sum(r["output_tokens"] for r in run["records"]) == server["workload"]["output_tokens"]
+            assert 0 < run["ttft_ms"]["p50"] <= run["ttft_ms"]["p99"] <= run["e2e_ms"]["p99"]
+            assert run["goodput"]["request_throughput"] == run["request_throughput"]  # SLOs no request can miss
+            offline = server["offline"]["output_throughput"]
+            assert run["of_offline"] == pytest.approx(run["output_throughput"] / offline)
+    for i, rate in enumerate(("20.0", "inf")):  # two rounds: the median is their mean
+        ratios = [server["runs"][i]["of_offline"] for server in report["servers"]]
+        assert report["of_offline_median"]["fcfs"][rate] == pytest.approx(sum(ratios) / 2)
+    assert "/offline" in res.stdout and "median of 2 rounds" in res.stdout
     assert (plots / "serve_offline-small_latency_cdf.png").read_bytes().startswith(b"\x89PNG")
     assert (plots / "serve_offline-small_vs_rate.png").exists() is False  # one finite rate: no curve to draw
 
