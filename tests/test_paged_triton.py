@@ -21,6 +21,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets it before torc
     pytest.skip("the kernels run on the CPU only in Triton's interpreter", allow_module_level=True)
 pytest.importorskip("triton")
 
+from tandem.engine.device import batch as batch_module  # noqa: E402
 from tandem.engine.device.graphs import graph_buckets  # noqa: E402
 from tandem.engine.device.paged_triton import paged_attention  # noqa: E402
 
@@ -103,19 +104,27 @@ def ordinary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("model", ["tiny-llama", "ordinary"])
 @pytest.mark.parametrize("scheduler", ["fcfs", "async-overlap"])
-def test_the_engine_on_the_kernel_is_the_models_greedy_choice(model: str, scheduler: str, ordinary: Path) -> None:
+def test_the_engine_on_the_kernel_is_the_models_greedy_choice(
+    model: str, scheduler: str, ordinary: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Decode rows, prefill chunks over a cached prefix (shared prompts, a small step budget)
     and fresh chunks, through the engine with attention="triton": transformers' greedy tokens,
-    tie-aware on ordinarily initialised weights."""
+    tie-aware on ordinarily initialised weights. On the ordinary model fresh chunks over 10
+    tokens take SDPA beside the kernel, as fresh prompts over PAGED_PREFILL_MAX do."""
     path = str(ordinary) if model == "ordinary" else model
+    if model == "ordinary":
+        monkeypatch.setattr(batch_module, "PAGED_PREFILL_MAX", 10)
     rng = np.random.default_rng(7)
     shared = rng.integers(3, 500, 37).tolist()
     prompts = [shared + p for p in random_prompts(rng, 4, 1, 20)] + random_prompts(rng, 2, 1, 30)
     config = dict(model=path, attention="triton", max_batch_tokens=32, max_num_seqs=4, block_size=8)
     misaligned: list[int] = []
+    fresh_queries = 0  # queries at position 0: a fresh chunk's first token, through the kernel
 
     def kernel(q, k, v, tables, table_of, lens, *rest):
+        nonlocal fresh_queries
         misaligned.extend(t.data_ptr() % 16 for t in (tables, table_of, lens) if t.data_ptr() % 16)
+        fresh_queries += int((lens == 1).sum())
         return paged_attention(q, k, v, tables, table_of, lens, *rest)
 
     with make_engine(scheduler, **config) as eng:
@@ -124,6 +133,7 @@ def test_the_engine_on_the_kernel_is_the_models_greedy_choice(model: str, schedu
         greedy, stop = SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=6, ignore_eos=True)
         got = eng.generate(prompts, greedy, stop)
         assert eng.stats().prefix_cache_hit_rate > 0
+    assert fresh_queries > 0
     # Triton specializes on pointer alignment: a misaligned view would compile another variant
     assert not misaligned
     ref = reference_model(preset_path(path) if model != "ordinary" else path)
@@ -194,3 +204,24 @@ def test_a_step_whose_row_samples_twice_through_the_graph_buffers() -> None:
         core.close()
         outs.append(got)
     assert outs[0] == outs[1] and sorted(outs[0]) == [0, 1] and all(len(t) == 5 for t in outs[0].values())
+
+
+def test_short_fresh_prompts_go_to_the_kernel_and_long_ones_to_sdpa() -> None:
+    """With the paged kernel, a fresh prompt up to PAGED_PREFILL_MAX tokens is served by the
+    kernel (one launch per layer for all of them) and a longer one by SDPA; without it, every
+    prompt by SDPA."""
+    from tandem.engine.device.batch import PAGED_PREFILL_MAX, StepBatch, StepRow, build_host_batch
+
+    def row(length: int, start: int = 0) -> StepRow:
+        return StepRow(np.arange(length, dtype=np.int64) + 3, start, list(range(-(-(start + length) // 16))))
+
+    long = PAGED_PREFILL_MAX + 1
+    rows = [row(1, 40), row(7), row(long), row(5, 20)]  # decode, short fresh, long fresh, chunk over a prefix
+    paged = build_host_batch(StepBatch(rows), 16, paged=True)
+    assert [(q0, q1, first) for q0, q1, first, _ in paged.prefills] == [(8, 8 + long, 0)]
+    offset, length = paged.sections.paged_queries
+    queries = paged.flat[offset : offset + length]
+    assert queries.tolist() == [*range(8), *range(8 + long, 8 + long + 5)]
+    assert paged.max_context == long
+    gathered = build_host_batch(StepBatch(rows), 16)
+    assert [p[:3] for p in gathered.prefills] == [(1, 8, 0), (8, 8 + long, 0), (8 + long, 13 + long, 20)]

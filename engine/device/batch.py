@@ -24,6 +24,11 @@ from tandem.engine.device.sampling import GrammarMasks, SampleSpec
 # kernel launches cost what moving tens of thousands of slots does (a guess until measured).
 DECODE_GROUP_COST_SLOTS = {"cpu": 1024, "cuda": 16384}
 DEFAULT_GROUP_COST = 1024
+# NOTE: the paged kernel runs one program per query token, so a fresh prompt of L tokens reads
+# ~L²/2 keys where SDPA's tiles read ~L²/256; short prompts go to the kernel anyway, since each
+# SDPA call costs a launch per layer per prompt on the host (the H200 host profile: 13% of a
+# saturated async-overlap run). 512 is where that estimate crosses over: to tune on a GPU.
+PAGED_PREFILL_MAX = 512
 NO_GROUPING = 1 << 62  # the fused CPU kernel reads only each row's own slots: padding is free
 
 
@@ -94,9 +99,10 @@ class HostBatch:
     sections: Sections
     num_tokens: int
     decode_groups: list[tuple[int, int]]  # (rows, padded context) of each decode attention group
-    prefills: list[tuple[int, int, int, int]]  # (q_start, q_end, first position, context length)
+    prefills: list[tuple[int, int, int, int]]  # (q_start, q_end, first position, context length), outside the kernel
     attended_keys: int  # sum over query tokens of the keys each attends to (causal)
     has_placeholders: bool
+    max_context: int  # longest context any row attends over
     table_width: int = 0  # with a paged kernel: blocks per row of the paged_tables section
 
 
@@ -147,9 +153,12 @@ def build_host_batch(
         groups.append((size, len(ctx)))
         at += size
 
+    # the kernel's share with `paged`: every query of a decode row, of a chunk over a cached
+    # prefix, and of a short fresh prompt (one launch per layer instead of one SDPA per prompt)
+    by_kernel = ((q_lens == 1) | (starts > 0) | (q_lens <= PAGED_PREFILL_MAX)) if paged else q_lens <= 1
     prefill_slots, prefills = [], []
-    for p in np.nonzero(q_lens > 1)[0]:
-        if starts[p] and not paged:  # a chunk that starts at 0 attends over its own new keys: no slots
+    for p in np.nonzero(~by_kernel)[0]:
+        if starts[p]:  # a chunk that starts at 0 attends over its own new keys: no slots
             pos = np.arange(ends[p])
             prefill_slots.append(tables[p, pos // bs] * bs + pos % bs)
         prefills.append((int(cu[p]), int(cu[p + 1]), int(starts[p]), int(ends[p])))
@@ -163,12 +172,11 @@ def build_host_batch(
     in_block = np.arange(bs)
     none = np.zeros(0, np.int64)
     queries = table_of = lens = paged_tables = none
-    if paged:  # the kernel's share: every query of a decode row or of a chunk over a cached prefix
-        reads_cache = (q_lens == 1) | (starts > 0)
-        queries = np.nonzero(reads_cache[owner])[0]
-        table_of = (np.cumsum(reads_cache) - 1)[owner[queries]]
+    if paged:
+        queries = np.nonzero(by_kernel[owner])[0]
+        table_of = (np.cumsum(by_kernel) - 1)[owner[queries]]
         lens = positions[queries] + 1
-        paged_tables = tables[reads_cache].ravel()
+        paged_tables = tables[by_kernel].ravel()
     parts = dict(
         input_ids=ids,
         positions=positions,
@@ -199,7 +207,7 @@ def build_host_batch(
     # each query at position p attends over p + 1 keys
     attended = int(positions.sum()) + total
     width = tables.shape[1] if paged else 0
-    return HostBatch(flat, sections, total, groups, prefills, attended, bool((ids < 0).any()), width)
+    return HostBatch(flat, sections, total, groups, prefills, attended, bool((ids < 0).any()), int(ends.max()), width)
 
 
 def device_step(
@@ -248,8 +256,6 @@ def device_step(
     spans, at = [], 0
     for q_start, q_end, first, context in host.prefills:
         span_slots = span_mask = None
-        if first > 0 and paged is not None:  # the paged kernel serves it
-            continue
         if first > 0:  # causal, offset by the tokens already in the cache
             q_pos = torch.arange(first, first + q_end - q_start, device=device)
             span_mask = (torch.arange(context, device=device)[None, :] <= q_pos[:, None])[None, None]
@@ -260,7 +266,7 @@ def device_step(
         slot_mapping=section(host.sections.slot_mapping),
         decodes=decodes,
         prefills=spans,
-        max_context=max([length for _, length in host.decode_groups] + [p[3] for p in host.prefills]),
+        max_context=host.max_context,
         fused_decode=fused_decode,
         paged=paged,
     )

@@ -247,12 +247,13 @@ class Executor:
         return self._run_forward(handle.host, flat, self._prev_tokens(handle))
 
     def _run_forward(self, host: HostBatch, flat: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
-        with torch.inference_mode(), attention_backends(self.device):
+        with torch.inference_mode():
             prepared = device_step(host, flat, self.kv, prev, self.fused_decode, self.paged_kernel)
             if self.graphs is not None and self.graphs.fits(host):
-                logits = self.graphs.run(prepared)
+                logits = self.graphs.run(prepared)  # no SDPA inside: no backend switch
             else:
-                logits = self.forward(prepared, prepared.sample_rows)
+                with attention_backends(self.device):
+                    logits = self.forward(prepared, prepared.sample_rows)
             if prepared.copy_src.numel():  # samples forking off a prompt this step wrote
                 self.kv.copy_slots(prepared.copy_src, prepared.copy_dst)
             return logits
