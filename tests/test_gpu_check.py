@@ -30,3 +30,15 @@ def test_gpu_check_dry_pass(tmp_path) -> None:
         if row["system"].startswith("tandem"):
             assert row["tokens_per_s"] > 0 and 0 <= row["idle_fraction"] < 1 and row["step_ms"] > 0
             assert row["mismatches"] == 0  # against the float32 reference, near-ties allowed
+
+
+def test_host_profile_runs_rounds_on_one_engine() -> None:
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "host_profile.py"), "--batch", "4", "--new", "8", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    rounds = [line for line in res.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2 and all("steps" in r and "idle" in r for r in rounds), res.stdout
