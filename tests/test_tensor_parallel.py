@@ -27,6 +27,7 @@ from helpers import (
 )
 from tandem.engine import SamplingParams, StoppingCriteria
 from tandem.engine.config import EngineConfig
+from tandem.engine.device.faults import EXIT_RANK_CODE
 from tandem.engine.device.tensor_parallel import check_devices
 from tandem.engine.model.presets import preset_path
 from tandem.v1 import generation_pb2 as pb
@@ -272,3 +273,19 @@ def test_sizes_that_cannot_split_the_model_are_refused_at_start() -> None:
         timeout=120,
     )
     assert out.returncode != 0 and "tensor_parallel 3 must divide" in out.stderr
+
+
+def test_a_follower_that_dies_before_joining_fails_the_start_at_once() -> None:
+    """Rank 0's rendezvous would wait out the collective timeout (600 s) for a dead rank: it
+    watches the followers instead, and the server exits with the reason."""
+    started = time.monotonic()
+    out = subprocess.run(
+        [str(BIN / "tandem"), "serve", "--port", "0", "--model", "tiny-llama", "--tensor-parallel", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TANDEM_TEST_FAULT": "exit-rank:1"},
+    )
+    assert out.returncode != 0
+    assert f"tensor-parallel rank 1 exited with code {EXIT_RANK_CODE} before joining" in out.stderr, out.stderr[-2000:]
+    assert time.monotonic() - started < 120

@@ -14,7 +14,8 @@ the receiver has posted its receive, so each follower takes messages on a thread
 under overlap the message for step N+1 is taken while the follower computes step N. The
 default group carries the forward's collectives and the sampled tokens, from the thread that
 computes, with the step timeout. A follower whose leader vanished sees its parent change and
-exits; a leader whose follower died fails the engine from a watcher thread; a step that fails
+exits; a leader whose follower died fails the engine from a watcher thread (at start-up, one
+that died before joining fails the rendezvous at once); a step that fails
 on rank 0 under overlap kills the followers (`abort`), since rank 0's engine thread may be
 waiting for them to take the next step while they wait in the failed step's collective.
 """
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from tandem.engine.config import EngineConfig
+from tandem.engine.device import faults
 from tandem.engine.device.batch import HostBatch
 
 log = structlog.get_logger("tandem.engine")
@@ -83,8 +85,9 @@ def check_devices(config: EngineConfig) -> None:
         raise ValueError(f"tensor_parallel {n} needs {n} {kind}; this machine has {have}")
 
 
-def _join(me: Rank) -> Any:
-    """Init the default group (the forward's collectives) and return the control group."""
+def _join(me: Rank, followers: list[mp.process.BaseProcess] | None = None) -> Any:
+    """Init the default group (the forward's collectives) and return the control group.
+    Rank 0 passes its `followers`: one that exits before joining fails the join at once."""
     device = rank_device(me.config, me.rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -92,10 +95,43 @@ def _join(me: Rank) -> Any:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // me.world))
     timeout = me.config.step_timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, init_method=me.store, rank=me.rank, world_size=me.world, timeout=timedelta(seconds=timeout)
-    )
-    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+    def init() -> Any:
+        dist.init_process_group(
+            backend, init_method=me.store, rank=me.rank, world_size=me.world, timeout=timedelta(seconds=timeout)
+        )
+        return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+    return init() if followers is None else _watched(init, followers)
+
+
+def _watched(init: Callable[[], Any], followers: list[mp.process.BaseProcess]) -> Any:
+    """Rank 0's rendezvous on a thread, watching the followers. NOTE: the rendezvous waits for
+    every rank until the collective timeout (600 s by default) and cannot be interrupted; a
+    follower that died first fails it here instead, and the waiting thread is left behind
+    (a daemon: the engine does not start, and its store is removed)."""
+    done: queue.SimpleQueue[tuple[Any, BaseException | None]] = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            done.put((init(), None))
+        except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread below
+            done.put((None, exc))
+
+    threading.Thread(target=run, name="tandem-tp-join", daemon=True).start()
+    while True:
+        try:
+            group, error = done.get(timeout=POLL_S)
+        except queue.Empty:
+            for rank, p in enumerate(followers, start=1):
+                if p.exitcode is not None:
+                    raise RuntimeError(
+                        f"tensor-parallel rank {rank} exited with code {p.exitcode} before joining"
+                    ) from None
+            continue
+        if error is not None:
+            raise error
+        return group
 
 
 def gather(value: int, group: Any) -> list[int]:
@@ -137,7 +173,7 @@ class TensorParallel:
         try:
             for p in self.followers:
                 p.start()
-            self.control = _join(Rank(0, self.world, store, config, share_tokens))
+            self.control = _join(Rank(0, self.world, store, config, share_tokens), self.followers)
         except BaseException:
             self._stop_processes(wait_s=0.0)
             raise
@@ -230,6 +266,8 @@ def follow(me: Rank, build: Callable[[EngineConfig, Any], Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
+    if (plan := faults.from_env()) is not None:
+        plan.exit_before_join(me.rank)
     control = _join(me)
     executor = build(replace(me.config, device=str(rank_device(me.config, me.rank))), control)
     inbox: queue.SimpleQueue[StepMessage | None] = queue.SimpleQueue()
