@@ -35,13 +35,14 @@ class Sample:
 
 def tree(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            stat = open(f"/proc/{pid}/stat").read()
+            stat = open(f"/proc/{entry}/stat").read()
         except OSError:
             continue
-        children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(pid))
-    out, todo = [], [root]
+        children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry))
+    out: list[int] = []
+    todo = [root]
     while todo:
         pid = todo.pop()
         out.append(pid)

@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -85,7 +86,7 @@ def check_devices(config: EngineConfig) -> None:
         raise ValueError(f"tensor_parallel {n} needs {n} {kind}; this machine has {have}")
 
 
-def _join(me: Rank, followers: list[mp.process.BaseProcess] | None = None) -> Any:
+def _join(me: Rank, followers: Seq[mp.process.BaseProcess] | None = None) -> Any:
     """Init the default group (the forward's collectives) and return the control group.
     Rank 0 passes its `followers`: one that exits before joining fails the join at once."""
     device = rank_device(me.config, me.rank)
@@ -105,7 +106,7 @@ def _join(me: Rank, followers: list[mp.process.BaseProcess] | None = None) -> An
     return init() if followers is None else _watched(init, followers)
 
 
-def _watched(init: Callable[[], Any], followers: list[mp.process.BaseProcess]) -> Any:
+def _watched(init: Callable[[], Any], followers: Seq[mp.process.BaseProcess]) -> Any:
     """Rank 0's rendezvous on a thread, watching the followers. NOTE: the rendezvous waits for
     every rank until the collective timeout (600 s by default) and cannot be interrupted; a
     follower that died first fails it here instead, and the waiting thread is left behind
