@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_pass(tmp_path) -> None:
     out = tmp_path / "gpu_check.json"
     res = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--json", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--repeats", "2", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -30,6 +30,7 @@ def test_gpu_check_dry_pass(tmp_path) -> None:
         if row["system"].startswith("tandem"):
             assert row["tokens_per_s"] > 0 and 0 <= row["idle_fraction"] < 1 and row["step_ms"] > 0
             assert row["mismatches"] == 0  # against the float32 reference, near-ties allowed
+            assert row["repeats_identical"] and len(row["runs_tokens_per_s"]) == 2
 
 
 def test_host_profile_runs_rounds_on_one_engine() -> None:
