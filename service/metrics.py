@@ -15,6 +15,26 @@ REQUESTS = Counter("tandem_requests", "Finished generation requests", ["finish_r
 TTFT = Histogram("tandem_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY)
 ITL = Histogram("tandem_inter_token_latency_seconds", "Time between streamed responses", buckets=_LATENCY)
 E2E = Histogram("tandem_e2e_latency_seconds", "Request latency, receipt to last token", buckets=_LATENCY)
+TENANT_TOKENS = Counter(
+    "tandem_tenant_tokens",
+    "Prompt and completion tokens of finished requests, by tenant (a named bearer token's name, else x-tenant-id)",
+    ["tenant", "kind"],
+)
+MAX_TENANTS = 100  # distinct tenant labels; x-tenant-id is the client's to choose: the series stay bounded
+NO_TENANT, OTHER_TENANTS = "(none)", "(other)"
+_tenants: set[str] = set()
+
+
+def count_tenant_tokens(tenant: str, prompt: int, completion: int) -> None:
+    """Usage per tenant, as a platform team bills or caps it; past MAX_TENANTS names, "(other)"."""
+    label = tenant or NO_TENANT
+    if label not in _tenants:
+        if len(_tenants) >= MAX_TENANTS:
+            label = OTHER_TENANTS
+        else:
+            _tenants.add(label)
+    TENANT_TOKENS.labels(label, "prompt").inc(prompt)
+    TENANT_TOKENS.labels(label, "completion").inc(completion)
 
 
 class EngineCollector:

@@ -200,7 +200,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     response.timings.time_to_first_token_seconds = (first_at or now) - received
                     response.timings.queue_seconds = out.queue_seconds or 0.0
                     response.timings.total_seconds = now - received
-                    self.finished(request.request_id, out, tokens, received, "".join(text))
+                    self.finished(request, out, tokens, received, "".join(text))
                 yield response
         finally:
             if not finished:  # cancelled, deadline, or an error status
@@ -247,12 +247,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         extra |= {k: v for k, v in (("tenant", request.tenant), ("priority", request.priority)) if v}
         log.info("request_received", request_id=request.request_id, rpc=rpc, **extra)
 
-    def finished(self, request_id: str | None, last: RequestOutput, tokens: int, received: float, text: str) -> None:
+    def finished(
+        self, request: GenerationRequest, last: RequestOutput, tokens: int, received: float, text: str
+    ) -> None:
         seconds = time.monotonic() - received
         assert last.finish_reason is not None, "the last output of a request is its finish"
-        reason = last.finish_reason.value
+        reason, request_id = last.finish_reason.value, request.request_id
         metrics.E2E.observe(seconds)
         metrics.REQUESTS.labels(reason, "OK").inc()
+        metrics.count_tenant_tokens(request.tenant, last.num_prompt_tokens, tokens)
         extra = dict(output=text) if self.log_prompts else {}
         log.info(
             "request_finished",
@@ -275,7 +278,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         samples = [_sample(parts[i]) for i in sorted(parts)]
         last = parts[0][-1]
         total = sum(len(s.token_ids) for s in samples)
-        self.finished(request.request_id, last, total, received, samples[0].text)
+        self.finished(request, last, total, received, samples[0].text)
         self._report_load(context)
         self.trace(context, request, received, first_at or received, time.monotonic(), last, total)
         first = samples[0]

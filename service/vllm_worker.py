@@ -302,7 +302,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
                     yield complete(out, *last, top)
             total = sum(len(t) for t in tokens.values())
             now = time.monotonic()
-            self.generation.finished(request.request_id, out, total, received, "")
+            self.generation.finished(request, out, total, received, "")
             self.generation.trace(context, request, received, first_at or now, now, out, total)
         finally:
             if left:  # the router aborted or the client left; the engine has dropped it

@@ -416,6 +416,8 @@ def test_prometheus_metrics(server, stub) -> None:
     import urllib.request
 
     list(stub.GenerateStream(_greedy("metrics", 4)))
+    last = list(stub.GenerateStream(_greedy("metrics", 4), metadata=(("x-tenant-id", "acme-metrics"),)))[-1]
+    stub.Generate(_greedy("metrics", 3), metadata=(("x-tenant-id", "acme-metrics"),))
     body = urllib.request.urlopen(f"http://{METRICS[server]}/metrics", timeout=10).read().decode()
     values = {
         line.split(" ")[0]: float(line.split(" ")[-1])
@@ -423,6 +425,11 @@ def test_prometheus_metrics(server, stub) -> None:
         if line and not line.startswith("#")
     }
     assert values['tandem_requests_total{code="OK",finish_reason="length"}'] >= 1
+    # usage by tenant: this tenant's two requests exactly, the untagged ones under "(none)"
+    acme = 'tandem_tenant_tokens_total{kind="%s",tenant="acme-metrics"}'
+    assert values[acme % "completion"] == 7
+    assert values[acme % "prompt"] == 2 * last.usage.prompt_tokens > 0
+    assert values['tandem_tenant_tokens_total{kind="completion",tenant="(none)"}'] >= 4
     assert values["tandem_time_to_first_token_seconds_count"] >= 1
     assert values["tandem_steps_total"] > 0 and values["tandem_kv_blocks_total"] > 0
     for name in (
@@ -643,3 +650,20 @@ def test_n_samples_through_tandem_v1(stub) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(pb.GenerateRequest(text="x", n=1000))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and (err.value.details() or "").startswith("n:")
+
+
+def test_tenant_labels_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """x-tenant-id is the client's to choose: past MAX_TENANTS names, tokens count as "(other)"."""
+    from tandem.service import metrics
+
+    monkeypatch.setattr(metrics, "MAX_TENANTS", 2)
+    monkeypatch.setattr(metrics, "_tenants", set())
+    for name in ("t-one", "t-two", "t-three", "t-one"):
+        metrics.count_tenant_tokens(name, 5, 1)
+
+    def value(tenant: str) -> float:
+        labels = {"tenant": tenant, "kind": "prompt"}
+        return metrics.REGISTRY.get_sample_value("tandem_tenant_tokens_total", labels) or 0
+
+    assert (value("t-one"), value("t-two"), value("t-three")) == (10, 5, 0)
+    assert value("(other)") >= 5
