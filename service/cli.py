@@ -27,13 +27,13 @@ from tandem.service.server import ServerOptions
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     E = EngineConfig
-    field_flag(g, E, "model", help="built-in preset (see `tandem models`) or local HF directory")
+    field_flag(g, E, "model", help="built-in model (see `tandem models`), a .gguf file, or a local HF directory")
     field_flag(
         g,
         E,
         "dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="default: bfloat16 on CUDA, float32 on the CPU",
+        help="default: bfloat16 on CUDA; on the CPU the model's choice (float32 for the random presets)",
     )
     field_flag(g, E, "device", help="cpu, cuda, cuda:N (default: cuda when available)")
     field_flag(g, E, "block_size", type=int, help="tokens per KV block")
@@ -77,6 +77,7 @@ def _scheduler(args: argparse.Namespace) -> Scheduler:
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="prompt text")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     S, T = SamplingParams, StoppingCriteria
     field_flag(p, T, "max_new_tokens", type=int, default=64, help="tokens to generate at most")
     field_flag(p, T, "min_new_tokens", type=int, help="tokens before EOS or a stop may end it")
@@ -150,9 +151,10 @@ def _generate_remote(args: argparse.Namespace, request: GenerationRequest) -> in
         metadata = (("authorization", f"Bearer {load_tokens(args.auth_token_file)[0].decode()}"),)
     with _channel(args) as channel:
         try:
-            for response in pb_grpc.GenerationServiceStub(channel).GenerateStream(
-                to_message(request), metadata=metadata
-            ):
+            message = to_message(request)
+            if args.chat:
+                message.messages.messages.add(role="user", content=args.prompt)
+            for response in pb_grpc.GenerationServiceStub(channel).GenerateStream(message, metadata=metadata):
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
                 count += len(response.token_ids)
@@ -177,6 +179,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         async def run() -> tuple[int, str | None, float]:
             count, reason, start = 0, None, time.perf_counter()
+            if args.chat:
+                request.prompt = await engine.render_chat([{"role": "user", "content": args.prompt}])
             async for out in engine.stream(request):
                 sys.stdout.write(out.text)
                 sys.stdout.flush()
@@ -276,11 +280,14 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from tandem.engine.model.presets import PRESETS
+    from tandem.engine.config import DEFAULT_MODEL
+    from tandem.engine.model.presets import PACKAGED, PRESETS
 
-    width = max(len(name) for name in PRESETS)
-    for name, preset in PRESETS.items():
-        print(f"{name:<{width}}  {preset.description}")
+    rows = [(n, p.description + (" [default]" if n == DEFAULT_MODEL else "")) for n, p in PACKAGED.items()]
+    rows += [(n, f"{p.description} [random weights]") for n, p in PRESETS.items()]
+    width = max(len(name) for name, _ in rows)
+    for name, description in rows:
+        print(f"{name:<{width}}  {description}")
     return 0
 
 
@@ -314,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help; main() hands `tandem bench ...` to tandem.bench, which has its own flags.
     sub.add_parser("bench", help="benchmarks against transformers (needs the 'bench' extra)", add_help=False)
     sub.add_parser("sim", help="a scheduler on the engine core in simulated time; `sim calibrate`", add_help=False)
-    sub.add_parser("models", help="list the built-in model presets").set_defaults(func=cmd_models)
+    sub.add_parser("models", help="list the built-in models").set_defaults(func=cmd_models)
     sub.add_parser("schedulers", help="list the installed scheduler plugins").set_defaults(func=cmd_schedulers)
     return parser
 

@@ -42,8 +42,18 @@ def test_bad_argument_names_the_field() -> None:
     assert res.returncode == 2 and "sampling.top_p" in res.stderr
 
 
-def test_models_lists_presets() -> None:
+def test_models_lists_the_real_default_then_the_presets() -> None:
     res = run("models")
     assert res.returncode == 0
-    names = [line.split()[0] for line in res.stdout.splitlines()]
-    assert names == ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-granite", "bench-llama"]
+    lines = res.stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == ["smollm2-135m", "tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-granite", "bench-llama"]
+    assert "[default]" in lines[0] and "Apache-2.0" in lines[0]
+
+
+def test_chat_on_the_default_model_answers_a_question() -> None:
+    """The README's exchange: no --model, the real instruct model through its chat template."""
+    res = run("generate", "--chat", "What is the capital of France?", "--temperature", "0", "--stats")
+    assert res.returncode == 0, res.stderr
+    assert "Paris" in res.stdout and "<|im_end|>" not in res.stdout
+    assert "finish=eos" in res.stderr  # <|im_end|> ended it, and was not printed

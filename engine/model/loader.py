@@ -16,7 +16,9 @@ import torch
 from tandem.engine.device import attention  # noqa: F401  (registers the paged attention function)
 from tandem.engine.device.attention import ATTENTION_NAME
 from tandem.engine.errors import UnsupportedModelError
-from tandem.engine.model.presets import PRESETS, preset_path
+from tandem.engine.model import gguf
+from tandem.engine.model.presets import PACKAGED, PRESETS, preset_path
+from tandem.engine.model.support import check_supported, context_length
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,48 +54,22 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def resolve_path(model: str) -> Path:
+    """The Hugging Face directory `model` names: a random preset (built on first use), a packaged
+    real model or a GGUF file (converted on first use), or a local directory as it is."""
     if model in PRESETS:
         return preset_path(model)
+    if model in PACKAGED:
+        return gguf.converted(PACKAGED[model].gguf_path())
     path = Path(model).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model {model!r} is neither a built-in preset ({', '.join(PRESETS)}) "
-            "nor a local directory with a config.json"
-        )
-    return path
-
-
-def context_length(config) -> int:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise UnsupportedModelError("context_length", "the config names no maximum sequence length")
-
-
-def check_supported(config) -> None:
-    """Refuse configs whose attention our paged kernel would compute differently."""
-    text = getattr(config, "get_text_config", lambda: config)()
-    max_len = context_length(text)
-    if getattr(text, "attn_logit_softcapping", None):
-        raise UnsupportedModelError("attn_logit_softcapping", "attention logit softcapping")
-    layer_types = set(getattr(text, "layer_types", None) or [])
-    if layer_types - {"full_attention", "sliding_attention"}:
-        other = sorted(layer_types - {"full_attention", "sliding_attention"})
-        raise UnsupportedModelError("layer_types", f"layers of type {other}")
-    window = getattr(text, "sliding_window", None)
-    windowed = "sliding_attention" in layer_types or (window and getattr(text, "use_sliding_window", True))
-    # A window as long as the context changes nothing; the attention function checks that too.
-    if windowed and window and window < max_len:
-        raise UnsupportedModelError("sliding_window", f"window of {window} tokens < context length {max_len}")
-    if getattr(text, "attention_chunk_size", None):
-        raise UnsupportedModelError("attention_chunk_size", "chunked local attention")
-    if getattr(text, "kv_lora_rank", None) or getattr(text, "v_head_dim", None):
-        raise UnsupportedModelError("multi_latent_attention", "MLA / separate value head dimension")
-    if getattr(text, "alibi", False) or getattr(text, "use_alibi", False):
-        raise UnsupportedModelError("alibi", "ALiBi position biases")
-    if getattr(text, "use_bidirectional_attention", False):
-        raise UnsupportedModelError("use_bidirectional_attention", "bidirectional attention")
+    if (path / "config.json").is_file():
+        return path
+    source = gguf.gguf_file(path)
+    if source is not None:
+        return gguf.converted(source)
+    raise FileNotFoundError(
+        f"model {model!r} is neither a built-in preset ({', '.join([*PACKAGED, *PRESETS])}), "
+        "a GGUF file, nor a local directory with a config.json or one .gguf file"
+    )
 
 
 def _check_modules(model: torch.nn.Module) -> None:

