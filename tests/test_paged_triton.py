@@ -181,7 +181,10 @@ def test_decode_steps_through_the_graph_buffers_keep_the_greedy_choice(scheduler
 
 
 def test_graphs_need_the_paged_kernel() -> None:
-    with make_engine("fcfs", model="tiny-llama", attention="gather") as eng, pytest.raises(ValueError, match="paged attention kernel"):
+    with (
+        make_engine("fcfs", model="tiny-llama", attention="gather") as eng,
+        pytest.raises(ValueError, match="paged attention kernel"),
+    ):
         eng.core.executor.use_graphs(4, 128, capture=False)
 
 
