@@ -33,7 +33,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         E,
         "dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="default: bfloat16 on CUDA; on the CPU the model's choice (float32 for the random presets)",
+        help="default: bfloat16 on CUDA, float32 on the CPU",
     )
     field_flag(g, E, "device", help="cpu, cuda, cuda:N (default: cuda when available)")
     field_flag(g, E, "block_size", type=int, help="tokens per KV block")
