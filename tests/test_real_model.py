@@ -151,3 +151,14 @@ def test_a_json_schema_answer_parses_and_carries_the_fact(engine: Engine) -> Non
     answer = json.loads(done.text)
     assert set(answer) == {"country", "capital"} and "Paris" in answer["capital"]
     assert done.finish_reason == FinishReason.EOS
+
+
+def test_tensor_parallel_over_two_ranks_is_refused_by_the_head_counts() -> None:
+    """SmolLM2 has 9 attention and 3 KV heads: two ranks cannot split them, refused by name
+    before loading. (Three could, but tensor parallelism on the CPU wants a core per rank and this
+    machine has two: TP is proven on the presets, tests/test_tensor_parallel.py.)"""
+    from tandem.engine.model.loader import check_tensor_parallel
+
+    with pytest.raises(ValueError, match=r"tensor_parallel 2 must divide .* heads \(9\) and KV heads \(3\)"):
+        check_tensor_parallel(MODEL, 2)
+    check_tensor_parallel(MODEL, 3)
