@@ -45,6 +45,7 @@ def cmd_offline(args: argparse.Namespace) -> int:
         args.tune_requests,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
         hf_grid=[_hf_setting(item) for item in args.hf_grid] or None,
+        streams=args.streams,
     )
     w = report["workload"]
     print(
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     offline = bench.add_parser(
         "offline", help="one workload through each scheduler and through transformers", formatter_class=fmt
     )
-    offline.add_argument("--model", default="bench-llama", help="preset or local model directory")
+    offline.add_argument("--model", default="bench-llama", help="built-in model, .gguf file or HF directory")
     offline.add_argument("--workload", choices=NAMES, default="offline", help="named, seeded workload")
     offline.add_argument("--requests", type=int, default=None, help="override the workload's request count")
     offline.add_argument("--seed", type=int, default=0, help="workload seed")
@@ -190,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[8, 16, 32, 64],
         help="batch sizes of transformers' static generate (each is a row)",
+    )
+    offline.add_argument(
+        "--streams",
+        type=int,
+        default=None,
+        help="requests running at once in every system (tandem's max_num_seqs, generate_batch's "
+        "max_requests_per_batch, the static batch)",
     )
     offline.add_argument("--repeats", type=int, default=1, help="runs of each tandem system, interleaved; medians")
     offline.add_argument("--no-tune", action="store_true", help="run generate_batch at its defaults only")
@@ -208,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate_batch settings to tune over (default: its defaults, 512 and 2048 x 16 and 32)",
     )
     offline.add_argument("--device", default=None, help="default: cuda when available")
-    offline.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    offline.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA, fp32 on the CPU"
+    )
     offline.add_argument("--json", default=None, help="write every figure and the environment here")
     offline.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
     offline.set_defaults(func=cmd_offline)

@@ -36,7 +36,13 @@ class Result:
 
 
 def run_tandem(
-    spec: str, model: str, work: Workload, device: str | None, dtype: str | None, rooflines: dict[int, float]
+    spec: str,
+    model: str,
+    work: Workload,
+    device: str | None,
+    dtype: str | None,
+    rooflines: dict[int, float],
+    streams: int | None = None,
 ) -> Result:
     """One timed run of the workload; `rooflines` caches the matmul roofline per batch size."""
     from tandem.bench.utilisation import matmul_roofline, model_flops, read_bandwidth, utilisation
@@ -45,6 +51,8 @@ def run_tandem(
     options = {"policy": policy} if policy else {}
     result = Result(f"tandem {spec}", dict(scheduler=name, **options))
     config = EngineConfig(model=model, device=device, dtype=dtype)
+    if streams:
+        config.max_num_seqs = streams
     with Engine(config, load_scheduler(name, options)) as engine:
         model_ = engine.model.model
         # NOTE: before the engine's first step, and on a thread that exits: a second live
@@ -252,6 +260,7 @@ HF_REQUESTS = (4, 8, 16, 32, 64, 128)
 HF_GRID: list[dict[str, int]] = [{}] + [
     dict(max_batch_tokens=t, max_requests_per_batch=r) for t in (512, 2048) for r in (16, 32)
 ]
+HF_STREAM_TOKENS = (512, 2048)  # the token budgets tried at a fixed number of streams
 
 
 def environment(model: str, device: str, dtype) -> dict:
@@ -286,7 +295,10 @@ def bench_offline(
     tune_requests: int | None = None,
     progress=print,
     hf_grid: list[dict] | None = None,
+    streams: int | None = None,
 ) -> dict:
+    """`streams`: at most this many requests run at once in every system (tandem's
+    max_num_seqs, generate_batch's max_requests_per_batch, the static batch)."""
     from tandem.engine.model.loader import default_device, resolve_dtype, resolve_path
 
     dev = device or str(default_device())
@@ -300,11 +312,14 @@ def bench_offline(
     for rep in range(repeats):  # interleaved, so drift on a shared machine hits every system alike
         for spec in systems:
             progress(f"tandem {spec} (run {rep + 1} of {repeats}) ...")
-            results.append(run_tandem(spec, model, work, device, dtype_name, rooflines))
+            results.append(run_tandem(spec, model, work, device, dtype_name, rooflines, streams))
             results[-1].extra["repeat"] = rep
             gc.collect()
     tuning: dict[str, list[dict]] = {}
     tuned: dict[str, dict] = {}  # per scheduler: the best setting and where it lies in the search
+    if streams:  # generate_batch tuned over its token budget only; one static batch size
+        hf_grid = hf_grid or [dict(max_batch_tokens=t, max_requests_per_batch=streams) for t in HF_STREAM_TOKENS]
+        static_batches = [streams]
     hf = on_fresh_thread(_hf_model, path, dev, dtype) if peers else None
     for peer in peers:
         if peer == "hf-static":
@@ -341,6 +356,7 @@ def bench_offline(
             seed=seed,
         ),
         environment=environment(model, dev, dtype),
+        streams=streams,
         rooflines={str(b): f for b, f in rooflines.items()},
         results=[asdict(r) for r in _medians(results, repeats)],
         runs=[asdict(r) for r in results],

@@ -31,7 +31,7 @@ def _lognormal(rng, n, median, sigma, lo, hi):
 
 
 def make(name: str, vocab: int, seed: int = 0, requests: int | None = None) -> Workload:
-    """offline-small (CI-sized), offline, shared-prefix, prefix-groups, chat."""
+    """offline-small (CI-sized), streams, offline, shared-prefix, prefix-groups, chat."""
     rng = np.random.default_rng(seed)
 
     def tokens(n: int) -> list[int]:  # ids 0-3 are special in the presets
@@ -40,6 +40,10 @@ def make(name: str, vocab: int, seed: int = 0, requests: int | None = None) -> W
     if name == "offline-small":
         n = requests or 8
         plens, olens = _uniform(rng, n, 16, 64), _uniform(rng, n, 8, 16)
+        prompts = [tokens(p) for p in plens]
+    elif name == "streams":  # short chats, every answer 64 tokens: tokens/s and ms per token at N streams
+        n = requests or 64
+        plens, olens = _uniform(rng, n, 32, 128), [64] * n
         prompts = [tokens(p) for p in plens]
     elif name == "offline":
         n = requests or 128
@@ -65,4 +69,4 @@ def make(name: str, vocab: int, seed: int = 0, requests: int | None = None) -> W
     return Workload(name, prompts, olens)
 
 
-NAMES = ("offline-small", "offline", "shared-prefix", "prefix-groups", "chat")
+NAMES = ("offline-small", "streams", "offline", "shared-prefix", "prefix-groups", "chat")

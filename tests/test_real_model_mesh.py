@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from helpers import BIN, ServerProcess, start_server
+from helpers import BIN, start_server
 from tandem.bench.mesh import Router, start_router
 from tandem.engine.config import DEFAULT_MODEL
 from tandem.engine.model.loader import resolve_path
@@ -23,17 +23,42 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def router() -> Iterator[Router]:
-    replica: tuple[ServerProcess, str] = start_server()  # the default model
-    try:
-        router = start_router(DEFAULT_MODEL, [replica[1]], "cache_aware")
-    except BaseException:
-        replica[0].kill()
-        raise
+def replica() -> Iterator[str]:
+    proc, target = start_server()  # the default model
+    yield target
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def router(replica: str) -> Iterator[Router]:
+    router = start_router(DEFAULT_MODEL, [replica], "cache_aware")
     yield router
     router.stop()
-    replica[0].terminate()
-    replica[0].wait(30)
+
+
+def test_tandem_v1_messages_use_the_models_template_and_eos(replica: str) -> None:
+    """GenerateStream with chat messages: the template's system prompt is added, <|im_end|>
+    (the model's EOS) ends the answer and never appears in the text; GetModelInfo reports the
+    file's EOS and context."""
+    import grpc
+
+    from tandem.v1 import generation_pb2 as pb
+    from tandem.v1 import generation_pb2_grpc as pb_grpc
+    from tandem.v1 import info_pb2, info_pb2_grpc
+
+    with grpc.insecure_channel(replica) as ch:
+        messages = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=QUESTION[0]["content"])])
+        request = pb.GenerateStreamRequest(
+            messages=messages, sampling=pb.SamplingParams(temperature=0), stopping=pb.StoppingCriteria(max_new_tokens=40)
+        )
+        responses = list(pb_grpc.GenerationServiceStub(ch).GenerateStream(request, timeout=120))
+        info = info_pb2_grpc.InfoServiceStub(ch).GetModelInfo(info_pb2.GetModelInfoRequest(), timeout=10)
+    text = "".join(r.text for r in responses)
+    assert "Paris" in text and "<|im_" not in text
+    assert responses[-1].finish_reason == pb.FINISH_REASON_EOS
+    assert responses[-1].usage.prompt_tokens > 30  # "You are a helpful AI assistant named SmolLM, ..."
+    assert list(info.eos_token_ids) == [2] and info.context_length == 8192 and info.vocab_size == 49152
 
 
 def _client(router: Router) -> Any:

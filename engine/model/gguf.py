@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from pathlib import Path
+
+import structlog
 
 from tandem.engine.errors import UnsupportedModelError
 from tandem.engine.model.cache import built_once
@@ -20,6 +23,7 @@ from tandem.engine.model.support import check_supported
 
 CONVERT_VERSION = 1  # bump when a conversion's output changes: old cache entries are then ignored
 SUFFIX = ".gguf"
+log = structlog.get_logger("tandem.engine")
 
 
 def gguf_file(path: Path) -> Path | None:
@@ -80,6 +84,8 @@ def convert(path: Path, out: Path, digest: str) -> None:
     from transformers.utils import logging as hf_logging
 
     read_config(path)
+    log.info("gguf_converting", file=str(path), into=str(out.parent), note="once; later starts read the result")
+    start = time.perf_counter()
     hf_logging.disable_progress_bar()
     kw = dict(gguf_file=path.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
@@ -95,6 +101,7 @@ def convert(path: Path, out: Path, digest: str) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "SOURCE").write_text(f"converted by tandem from {path.name} (sha256 {digest})\n")
+    log.info("gguf_converted", file=path.name, seconds=round(time.perf_counter() - start, 1))
 
 
 def converted(path: Path) -> Path:
