@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     offline.add_argument("--device", default=None, help="default: cuda when available")
     offline.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA, fp32 on the CPU"
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA, else fp32"
     )
     offline.add_argument("--json", default=None, help="write every figure and the environment here")
     offline.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")

@@ -138,7 +138,10 @@ def _write_gguf(path: Path, arch: str, **fields: float | int) -> Path:
         "attention.layer_norm_rms_epsilon": 1e-6,
     }
     for key, value in {**base, **fields}.items():
-        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
+        if isinstance(value, float):
+            w.add_float32(f"{arch}.{key}", value)
+        else:
+            w.add_uint32(f"{arch}.{key}", value)
     w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -190,7 +193,7 @@ def test_gguf_files_and_directories_resolve_to_one_conversion(tmp_path: Path) ->
     assert config.tie_word_embeddings and not hasattr(config, "quantization_config")
     tok = AutoTokenizer.from_pretrained(path)
     assert GenerationConfig.from_pretrained(path).eos_token_id == tok.convert_tokens_to_ids("<|im_end|>") == 2
-    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    chat = str(tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True))
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
     (tmp_path / "holder" / "other.gguf").symlink_to(source)
     with pytest.raises(FileNotFoundError, match=r"holds 2 GGUF files .*: name one"):

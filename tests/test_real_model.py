@@ -39,7 +39,7 @@ QUESTIONS = [
     "Translate 'good morning' into French.",
 ]
 SCHEDULERS = ["fcfs", "prefill-priority", "async-overlap", "priority", "fair-share", "deadline"]
-SMALL = dict(model=MODEL, device="cpu", dtype="float32", block_size=16, kv_blocks=96)
+SMALL: dict[str, Any] = dict(model=MODEL, device="cpu", dtype="float32", block_size=16, kv_blocks=96)
 
 
 @pytest.fixture(scope="module")

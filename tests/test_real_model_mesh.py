@@ -49,8 +49,9 @@ def test_tandem_v1_messages_use_the_models_template_and_eos(replica: str) -> Non
 
     with grpc.insecure_channel(replica) as ch:
         messages = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=QUESTION[0]["content"])])
+        stopping = pb.StoppingCriteria(max_new_tokens=40)
         request = pb.GenerateStreamRequest(
-            messages=messages, sampling=pb.SamplingParams(temperature=0), stopping=pb.StoppingCriteria(max_new_tokens=40)
+            messages=messages, sampling=pb.SamplingParams(temperature=0), stopping=stopping
         )
         responses = list(pb_grpc.GenerationServiceStub(ch).GenerateStream(request, timeout=120))
         info = info_pb2_grpc.InfoServiceStub(ch).GetModelInfo(info_pb2.GetModelInfoRequest(), timeout=10)
