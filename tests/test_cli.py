@@ -33,12 +33,22 @@ def test_generate_streams_text() -> None:
 
 
 def test_generate_greedy_is_reproducible() -> None:
-    args = ("generate", "Hello", "--temperature", "0", "--max-new-tokens", "16", "--ignore-eos")
+    args = (
+        "generate",
+        "--model",
+        "tiny-llama",
+        "Hello",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "16",
+        "--ignore-eos",
+    )
     assert run(*args).stdout == run(*args).stdout
 
 
 def test_bad_argument_names_the_field() -> None:
-    res = run("generate", "Hello", "--top-p", "2")
+    res = run("generate", "--model", "tiny-llama", "Hello", "--top-p", "2")
     assert res.returncode == 2 and "sampling.top_p" in res.stderr
 
 

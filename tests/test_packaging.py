@@ -68,7 +68,7 @@ def test_version_and_defaults_in_help() -> None:
     assert version.returncode == 0 and version.stdout.startswith("tandem 0.")
     serve = subprocess.run([tandem, "serve", "--help"], capture_output=True, text=True, timeout=120)
     text = " ".join(serve.stdout.split())
-    for default in ("(default: 127.0.0.1)", "(default: 50051)", "(default: 1024)", "(default: tiny-llama)",
+    for default in ("(default: 127.0.0.1)", "(default: 50051)", "(default: 1024)", "(default: smollm2-135m)",
                     "(default: 2048)", "(default: 300.0)"):  # fmt: skip
         assert default in text, default
 
