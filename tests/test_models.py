@@ -58,6 +58,14 @@ def test_unknown_model_is_a_clear_error() -> None:
         load_model("/nonexistent/model")
 
 
+def test_the_model_runs_only_code_tandem_ships() -> None:
+    """transformers 5.25 swaps layers (RMSNorm, SiLU) for Hub kernels by default, fetched at load
+    time where the network allows; the loader turns that off (found on the H200, 2026-12-04)."""
+    model = load_model("tiny-llama", device="cpu").model
+    assert not getattr(model, "use_kernels", False)
+    assert [type(m).__name__ for m in model.modules() if "forward" in vars(m)] == []
+
+
 def test_presets_are_plain_hf_directories() -> None:
     from transformers import AutoConfig, AutoTokenizer
 

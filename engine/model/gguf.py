@@ -89,7 +89,7 @@ def convert(path: Path, out: Path, digest: str) -> None:
     start = time.perf_counter()
     hf_logging.disable_progress_bar()
     kw = dict(gguf_file=path.name, local_files_only=True)
-    model: Any = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    model: Any = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, use_kernels=False, **kw)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
     # The EOS the file declares is the generation config's (a list where a model has several);
     # the tokenizer's is the fallback for files whose metadata names none.

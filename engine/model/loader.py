@@ -128,9 +128,12 @@ def load_model(
     if tensor_parallel > 1:
         check_tensor_parallel(model, tensor_parallel)
         sharded["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tensor_parallel)
+    # NOTE: use_kernels=False: transformers (5.25) otherwise swaps layers for Hub kernels it
+    # fetches at load time; tandem plugs in its own attention and runs only code it ships.
     hf_model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME, local_files_only=True, **sharded
-    )
+        path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME, local_files_only=True, use_kernels=False,
+        **sharded,
+    )  # fmt: skip
     _check_modules(hf_model)
     hf_model.to(dev).eval()  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
