@@ -283,7 +283,7 @@ def reference(path: Path | str, device: str) -> Reference:
 
     def load(dtype: torch.dtype) -> Any:
         # device_map: loaded straight onto the device (an 8B float32 judge is 32 GB)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, use_kernels=False).eval()  # type: ignore[arg-type]
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, use_kernels=False).eval()
 
     return Reference(load(torch.float32), load(torch.bfloat16) if device == "cuda" else None)
 
