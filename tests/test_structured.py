@@ -13,7 +13,7 @@ import pytest
 
 from helpers import make_engine, ordinary_model
 from tandem.engine import Constraint, ConstraintKind, EngineConfig, FinishReason, InvalidRequestError
-from tandem.engine.engine import build_core
+from tandem.engine.build import build_core
 from tandem.engine.request import GenerationRequest, SamplingParams, StoppingCriteria
 from tandem.schedulers import load_scheduler
 from tandem.schedulers.testing import Arrival, run_workload
