@@ -54,7 +54,7 @@ def run_tandem(
     if streams:
         config.max_num_seqs = streams
     with Engine(config, load_scheduler(name, options)) as engine:
-        model_ = engine.weights
+        model_ = engine.model.model
         # NOTE: before the engine's first step, and on a thread that exits: a second live
         # OpenMP team slows every GEMM (engine/host/threads.py); measured with one, the roofline
         # read 12% low (192 vs 217 GFLOP/s) and flattered the fraction.

@@ -93,6 +93,12 @@ def make_executor(
 
 def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, EngineInfo]:
     """Load the model, size and allocate the KV pools, and wire the core together."""
+    core, info, _ = assemble(config, scheduler)
+    return core, info
+
+
+def assemble(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, EngineInfo, LoadedModel]:
+    """`build_core`, also returning the loaded model (its tokenizer and weights, for `Engine`)."""
     try:
         return _build_core(config, scheduler)
     except torch.OutOfMemoryError as exc:
@@ -103,7 +109,7 @@ def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, 
         ) from None
 
 
-def _build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, EngineInfo]:
+def _build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, EngineInfo, LoadedModel]:
     config.validate()
     tp = None
     if config.tensor_parallel > 1:
@@ -162,7 +168,7 @@ def build_follower(config: EngineConfig, control: Any) -> Executor:
 
 def _build_leader(
     config: EngineConfig, scheduler: Scheduler, tp: TensorParallel | None
-) -> tuple[EngineCore, EngineInfo]:
+) -> tuple[EngineCore, EngineInfo, LoadedModel]:
     device = str(rank_device(config, 0)) if tp is not None else config.device
     loaded = load_model(config.model, config.dtype, device, config.tensor_parallel)
     layout = kv_layout(loaded, config)
@@ -192,7 +198,7 @@ def _build_leader(
         kv_mib=round(kv.nbytes / 2**20, 1),
         tensor_parallel=config.tensor_parallel,
     )
-    return core, info
+    return core, info, loaded
 
 
 def _describe(

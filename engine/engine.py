@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
-from typing import IO, Any
+from typing import IO
 
 import structlog
 
-from tandem.engine.build import EngineInfo, build_core
+from tandem.engine.build import EngineInfo, assemble
 from tandem.engine.config import EngineConfig
 from tandem.engine.consumers import Coalescer, Collector
 from tandem.engine.device.executor import StepTrace
@@ -36,6 +36,7 @@ from tandem.engine.host.kv_events import KvEventLog
 from tandem.engine.host.scheduling import Scheduler
 from tandem.engine.host.sequence import Sequence
 from tandem.engine.host.threads import on_fresh_thread
+from tandem.engine.model.loader import LoadedModel
 from tandem.engine.request import (
     Completion,
     Constraint,
@@ -69,9 +70,10 @@ class Engine:
             raise TypeError(f"scheduler must be a Scheduler instance, got {scheduler!r}")
         self.config = replace(config or EngineConfig(), **overrides)
         collect_before_build()
-        built: tuple[EngineCore, EngineInfo] = on_fresh_thread(build_core, self.config, scheduler)
-        self.core, self.info = built  # built on a fresh thread: see tandem.engine.host.threads
-        self.tokenizer = self.core.tokenizer
+        # Built on a thread that exits: see tandem.engine.host.threads.
+        built: tuple[EngineCore, EngineInfo, LoadedModel] = on_fresh_thread(assemble, self.config, scheduler)
+        self.core, self.info, self.model = built
+        self.tokenizer = self.model.tokenizer
         self.scheduler_name = self.info.scheduler
         self.scheduler_options = dict(self.info.scheduler_options)
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
@@ -211,11 +213,6 @@ class Engine:
 
     def load(self) -> Load:
         return self.stats().load()
-
-    @property
-    def weights(self) -> Any:  # a transformers PreTrainedModel
-        """The loaded model itself, for benchmarks that measure its layers."""
-        return self.core.model
 
     def grammar_accepts(self, constraint: Constraint, tokens: list[int]) -> bool:
         """Whether `constraint`'s grammar accepts `tokens` from its start (a fresh matcher; checks)."""

@@ -5,7 +5,7 @@ fields.
 Each field states, in its `metadata`, everything about it: `read`, how the engine thread reads
 it off the core; `metric` ("gauge" or "counter"), `name` and `doc`, how Prometheus shows it (a
 field without `metric` is not exported on its own); `orca`, its name among an ORCA load
-report's named metrics.
+report's named metrics (empty: not one).
 """
 
 from __future__ import annotations
@@ -20,41 +20,43 @@ if TYPE_CHECKING:
 Read = Callable[["EngineCore"], float]
 
 
-def _stat(read: Read, metric: str = "", name: str = "", doc: str = "", orca: str = "", default: Any = None) -> Any:
-    meta: dict[str, Any] = {"read": read, "metric": metric, "name": name, "doc": doc, "orca": orca}
+def _field(read: Read, default: Any, metric: str = "", name: str = "", doc: str = "", orca: str = "") -> Any:
+    meta = {"read": read, "metric": metric, "name": f"tandem_{name}" if name else "", "doc": doc, "orca": orca}
     return field(metadata=meta) if default is None else field(default=default, metadata=meta)
+
+
+def _gauge(read: Read, name: str, doc: str, orca: str = "") -> Any:
+    """A Load field: required, exported as a gauge."""
+    return _field(read, None, "gauge", name, doc, orca)
+
+
+def _counter(read: Read, name: str, doc: str) -> Any:
+    """An EngineStats counter since start (zero by default), exported as a Prometheus counter."""
+    return _field(read, 0, "counter", name, doc)
 
 
 @dataclass(frozen=True)
 class Load:
     """What a load balancer needs (the fields of tandem.v1's GetLoadResponse)."""
 
-    waiting: int = _stat(
+    waiting: int = _gauge(
         lambda c: len(c.waiting),
-        "gauge",
-        "tandem_waiting_requests",
+        "waiting_requests",
         "Requests waiting to be scheduled (queue depth)",
-        orca="waiting_requests",
+        "waiting_requests",
     )
-    running: int = _stat(
-        lambda c: len(c.running), "gauge", "tandem_running_requests", "Requests holding KV blocks", "running_requests"
+    running: int = _gauge(
+        lambda c: len(c.running), "running_requests", "Requests holding KV blocks", "running_requests"
     )
-    kv_blocks_used: int = _stat(
-        lambda c: c.blocks.num_used, "gauge", "tandem_kv_blocks_used", "KV blocks owned by requests"
+    kv_blocks_used: int = _gauge(lambda c: c.blocks.num_used, "kv_blocks_used", "KV blocks owned by requests")
+    kv_blocks_cached: int = _gauge(
+        lambda c: c.blocks.num_cached, "kv_blocks_cached", "KV blocks findable in the prefix cache"
     )
-    kv_blocks_cached: int = _stat(
-        lambda c: c.blocks.num_cached, "gauge", "tandem_kv_blocks_cached", "KV blocks findable in the prefix cache"
-    )
-    kv_blocks_free: int = _stat(lambda c: c.blocks.num_free)
-    kv_blocks_total: int = _stat(
-        lambda c: c.blocks.num_blocks, "gauge", "tandem_kv_blocks_total", "KV blocks in the pool"
-    )
-    output_tokens_per_second: float = _stat(
-        lambda c: 0.0,  # a window over the published steps: Engine.stats() fills it in
-        "gauge",
-        "tandem_output_tokens_per_second",
-        "Output tokens/s over the last 10 s",
-        orca="output_tokens_per_second",
+    kv_blocks_free: int = _field(lambda c: c.blocks.num_free, None)
+    kv_blocks_total: int = _gauge(lambda c: c.blocks.num_blocks, "kv_blocks_total", "KV blocks in the pool")
+    # A window over the published steps: Engine.stats() fills it in.
+    output_tokens_per_second: float = _gauge(
+        lambda c: 0.0, "output_tokens_per_second", "Output tokens/s over the last 10 s", "output_tokens_per_second"
     )
 
     def named_metrics(self) -> dict[str, float]:
@@ -72,45 +74,29 @@ class EngineStats(Load):
     """Load plus the engine's counters since start, for metrics. A snapshot: the engine thread
     publishes one after each step and each batch of commands, and other threads read only it."""
 
-    steps: int = _stat(lambda c: c.device_stats.steps, "counter", "tandem_steps", "Engine steps", default=0)
-    step_tokens: int = _stat(
-        lambda c: c.device_stats.tokens, "counter", "tandem_step_tokens", "Tokens computed in steps", default=0
+    steps: int = _counter(lambda c: c.device_stats.steps, "steps", "Engine steps")
+    step_tokens: int = _counter(lambda c: c.device_stats.tokens, "step_tokens", "Tokens computed in steps")
+    device_busy_seconds: float = _counter(
+        lambda c: c.device_stats.busy_seconds, "device_busy_seconds", "Device busy time (forward + sampling)"
     )
-    device_busy_seconds: float = _stat(
-        lambda c: c.device_stats.busy_seconds,
-        "counter",
-        "tandem_device_busy_seconds",
-        "Device busy time (forward + sampling)",
-        default=0.0,
+    # Gaps between busy periods while work was pending.
+    device_idle_seconds: float = _counter(
+        lambda c: c.device_stats.idle_seconds, "device_idle_seconds", "Device idle time while work was pending"
     )
-    device_idle_seconds: float = _stat(  # gaps between busy periods while work was pending
-        lambda c: c.device_stats.idle_seconds,
-        "counter",
-        "tandem_device_idle_seconds",
-        "Device idle time while work was pending",
-        default=0.0,
+    host_prepare_seconds: float = _counter(
+        lambda c: c.device_stats.prepare_seconds, "host_prepare_seconds", "Host batch preparation time"
     )
-    host_prepare_seconds: float = _stat(
-        lambda c: c.device_stats.prepare_seconds,
-        "counter",
-        "tandem_host_prepare_seconds",
-        "Host batch preparation time",
-        default=0.0,
-    )
-    preemptions: int = _stat(
-        lambda c: c.num_preemptions, "counter", "tandem_preemptions", "Requests preempted (recompute)", default=0
-    )
-    prefix_cache_hit_rate: float = _stat(
+    preemptions: int = _counter(lambda c: c.num_preemptions, "preemptions", "Requests preempted (recompute)")
+    prefix_cache_hit_rate: float = _field(
         lambda c: c.blocks.stats.hit_rate,
+        0.0,
         "gauge",
-        "tandem_prefix_cache_hit_ratio",
+        "prefix_cache_hit_ratio",
         "Prompt tokens served from the prefix cache",
-        default=0.0,
     )
-    grammar_mask_seconds: float = _stat(  # filling structured output's masks, on the engine thread
-        lambda c: c.stats.mask_seconds, default=0.0
-    )
-    graph_replays: int = _stat(lambda c: _graph_replays(c), default=0)  # decode steps run from a CUDA graph
+    # Filling structured output's masks, on the engine thread (benchmarks; not exported).
+    grammar_mask_seconds: float = _field(lambda c: c.stats.mask_seconds, 0.0)
+    graph_replays: int = _field(lambda c: _graph_replays(c), 0)  # decode steps run from a CUDA graph
 
     @classmethod
     def read(cls, core: EngineCore) -> EngineStats:

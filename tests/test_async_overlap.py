@@ -8,13 +8,13 @@ import torch
 
 from helpers import make_engine
 from tandem.engine import EngineConfig
+from tandem.engine.build import build_core
 from tandem.engine.device.batch import StepBatch, StepRow
 from tandem.engine.device.executor import Executor
 from tandem.engine.device.executor_worker import WorkerExecutor
 from tandem.engine.device.kv_cache import KVCache, KVLayout
 from tandem.engine.device.placeholders import placeholder
 from tandem.engine.device.sampling import SampleSpec
-from tandem.engine.build import build_core
 from tandem.engine.model.loader import load_model
 from tandem.engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingCriteria
 from tandem.schedulers import load_scheduler

@@ -21,7 +21,7 @@ def test_greedy_batch_equals_transformers_generate(preset: str) -> None:
     with make_engine(model=preset, max_batch_tokens=48, max_num_seqs=8, block_size=8) as eng:
         stop = StoppingCriteria(max_new_tokens=NEW, min_new_tokens=NEW)
         got = eng.generate(prompts, SamplingParams(temperature=0), stop)
-        ref = reference_model(eng.info.model_path)
+        ref = reference_model(eng.model.path)
     for prompt, completion in zip(prompts, got):
         with torch.inference_mode():
             out = ref.generate(

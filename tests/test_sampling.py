@@ -77,7 +77,7 @@ def test_logprobs_equal_the_models_log_softmax(engine: Engine) -> None:
     options = OutputOptions(logprobs=True, top_logprobs=3)
     out = engine.generate([prompt], SamplingParams(temperature=0), STOP, options)[0]
     assert out.logprobs is not None
-    ref = reference_model(engine.info.model_path)
+    ref = reference_model(engine.model.path)
     with torch.inference_mode():
         logits = ref(torch.tensor([prompt + out.token_ids])).logits[0].float()
     expected = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)  # the distribution each token came from
