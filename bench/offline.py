@@ -64,24 +64,25 @@ def run_tandem(
         # Warm-up on a prompt of no workload (ids 0-3 are the presets' specials, never drawn): a
         # workload prompt would put its blocks (a shared prefix) in the cache before timing.
         engine.generate([WARMUP_PROMPT], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=2))
-        stats = engine.core.executor.stats
-        busy, idle = stats.busy_seconds, stats.idle_seconds
-        stats.trace = []
+        before = engine.stats()
+        trace = engine.trace_steps()
         progress = Progress(result.system, len(work.prompts))
         start = time.perf_counter()
         done = engine.generate(work.prompts, SamplingParams(temperature=0), stops, on_finish=progress.advance)
         result.seconds = time.perf_counter() - start
         progress.close()
-        busy, idle = stats.busy_seconds - busy, stats.idle_seconds - idle
+        after = engine.stats()
+        busy = after.device_busy_seconds - before.device_busy_seconds
+        idle = after.device_idle_seconds - before.device_idle_seconds
     result.device_idle_fraction = idle / (busy + idle) if busy + idle else None
     result.settings.update(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens)
-    decode_batches = [t.decode_rows for t in stats.trace if t.decode_rows == t.tokens]
+    decode_batches = [t.decode_rows for t in trace if t.decode_rows == t.tokens]
     if decode_batches:  # after the engine has stopped: a roofline measured now has the CPU alone
         bandwidth = on_fresh_thread(read_bandwidth, model_.device)
-        util = utilisation(stats.trace, model_flops(model_), roofline_at, max(decode_batches), bandwidth)
+        util = utilisation(trace, model_flops(model_), roofline_at, max(decode_batches), bandwidth)
         if util is not None:
             result.extra["utilisation"] = asdict(util) | util.figures()
-    result.extra["steps"] = len(stats.trace)
+    result.extra["steps"] = len(trace)
     result.output_tokens = sum(len(c.token_ids) for c in done)
     result.extra["cached_tokens"] = [c.num_cached_tokens for c in done]  # prefix-cache hits, per request
     result.tokens_per_s = result.output_tokens / result.seconds

@@ -20,13 +20,13 @@ import numpy as np
 
 from tandem.bench.serve import Mix, Record, arrival_offsets, by_group, summarize
 from tandem.bench.workloads import Workload, make
+from tandem.engine.build import build_core, build_simulated_core
 from tandem.engine.config import EngineConfig
-from tandem.engine.device.simulated import FEATURES, CostModel, Overheads, SimulatedExecutor
+from tandem.engine.device.simulated import FEATURES, CostModel, Overheads
 from tandem.engine.host import clock
-from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.core import EngineCore
-from tandem.engine.model.loader import context_length, resolve_path
-from tandem.engine.request import GenerationRequest, ModelLimits, RequestLimits, SamplingParams, StoppingCriteria
+from tandem.engine.model.loader import resolve_path
+from tandem.engine.request import GenerationRequest, SamplingParams, StoppingCriteria
 from tandem.schedulers import load_scheduler
 
 CALIBRATIONS = Path(__file__).parent / "data"  # shipped: the presets on this project's CPU machine
@@ -51,23 +51,11 @@ class VirtualClock:
 
 def simulated_core(
     model: str, scheduler: str, options: dict[str, str], cost: CostModel, seed: int = 0, max_num_seqs: int = 64
-):
+) -> tuple[EngineCore, VirtualClock]:
     """An engine core over the simulated executor, reading time from a new virtual clock."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = resolve_path(model)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)  # as LoadedModel holds it
     vc = VirtualClock()
-    vocab = int(config.get_text_config().vocab_size)
-    executor = SimulatedExecutor(cost, vocab, vc.advance, seed)
-    blocks = BlockManager(cost.kv_blocks, cost.block_size)
-    limits = ModelLimits(vocab, context_length(config), blocks.num_blocks * cost.block_size, requests=RequestLimits())
-    eos = tuple(i for i in {config.eos_token_id, tokenizer.eos_token_id} if isinstance(i, int))
-    engine_config = EngineConfig(
-        model=model, block_size=cost.block_size, kv_blocks=cost.kv_blocks, max_num_seqs=max_num_seqs
-    )
-    core = EngineCore(executor, blocks, tokenizer, limits, eos, load_scheduler(scheduler, options), engine_config)
+    config = EngineConfig(model=model, block_size=cost.block_size, kv_blocks=cost.kv_blocks, max_num_seqs=max_num_seqs)
+    core, _ = build_simulated_core(config, load_scheduler(scheduler, options), cost, vc.advance, seed)
     clock.use(vc.now)  # last: nothing above can fail and leave the process on virtual time
     return core, vc
 
@@ -167,14 +155,10 @@ def calibrate(model: str, device: str | None = None, requests: int = 96, seed: i
     bursts so steps mix prefill chunks and decode rows of every size) through the real core,
     one (features, wall seconds) pair per step, least squares; the fit is judged on a held-out
     fifth of the steps."""
-    from tandem.engine.device.executor import StepTrace
-    from tandem.engine.engine import build_core
-
-    core, loaded = build_core(EngineConfig(model=model, device=device), load_scheduler("fcfs"))
+    core, info = build_core(EngineConfig(model=model, device=device), load_scheduler("fcfs"))
     try:
-        trace: list[StepTrace] = []
-        core.executor.stats.trace = trace
-        work = make("chat", loaded.vocab_size, seed, requests)
+        trace = core.trace_steps()
+        work = make("chat", info.vocab_size, seed, requests)
         rng = np.random.default_rng(seed)
         samples: list[tuple[list[float], float]] = []
         order = list(range(len(work.prompts)))
@@ -196,8 +180,8 @@ def calibrate(model: str, device: str | None = None, requests: int = 96, seed: i
                 features = [1.0, t.tokens, t.decode_rows, t.attended_keys / 1e3, t.sampled_rows]
                 samples.append((features, seconds))
         return fit_steps(
-            samples, "in-process: the engine core alone on the device", model=model, device=str(loaded.device),
-            kv_blocks=core.blocks.num_blocks, block_size=core.blocks.block_size,
+            samples, "in-process: the engine core alone on the device", model=model, device=info.device,
+            kv_blocks=info.kv_blocks, block_size=info.block_size,
         )  # fmt: skip
     finally:
         core.close()

@@ -88,9 +88,10 @@ def constrained_vs_free(
         asyncio.run(_stream_all(engine, constrained()[:concurrency], concurrency))
         rounds: list[dict] = []
         for _ in range(repeats):
-            steps0, masks0 = engine.core.executor.stats.steps, engine.core.stats.mask_seconds
+            s0 = engine.stats()
             c = asyncio.run(_stream_all(engine, constrained(), concurrency))
-            steps, mask_s = engine.core.executor.stats.steps - steps0, engine.core.stats.mask_seconds - masks0
+            s1 = engine.stats()
+            steps, mask_s = s1.steps - s0.steps, s1.grammar_mask_seconds - s0.grammar_mask_seconds
             f = asyncio.run(_stream_all(engine, free(c.tokens), concurrency))
             valid = sum(_valid(t) for t in c.texts)
             rounds.append(
@@ -140,10 +141,10 @@ def samples_vs_separate(model: str, scheduler: str, requests: int, n: int, max_n
             ("n again", grouped),
             ("separate again", separate),
         ):
-            engine.core.blocks.clear_cache()  # neither run reuses the other's prompts
-            tokens0 = engine.core.executor.stats.tokens
+            engine.clear_prefix_cache()  # neither run reuses the other's prompts
+            tokens0 = engine.stats().step_tokens
             run = asyncio.run(_stream_all(engine, batch, len(batch)))
-            computed = engine.core.executor.stats.tokens - tokens0
+            computed = engine.stats().step_tokens - tokens0
             decode = sum(run.tokens) - sum(r.n for r in batch)  # every sample's tokens but its last are computed
             out[label] = {
                 "prompt_tokens_computed": computed - decode,

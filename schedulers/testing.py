@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tandem.engine.build import EngineInfo, build_core
 from tandem.engine.config import EngineConfig
-from tandem.engine.engine import build_core
 from tandem.engine.host.core import EngineCore
 from tandem.engine.host.scheduling import Scheduler
 from tandem.engine.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams, StoppingCriteria
@@ -56,11 +56,11 @@ class Arrival:
     abort_after: int | None = None  # steps after arrival
 
 
-def _core(factory: Callable[[], Scheduler], model: str, limits: dict) -> EngineCore:
+def _core(factory: Callable[[], Scheduler], model: str, limits: dict) -> tuple[EngineCore, EngineInfo]:
     scheduler = factory()
     if not isinstance(scheduler, Scheduler):
         raise ConformanceError(f"factory returned {scheduler!r}, not a Scheduler")
-    return build_core(EngineConfig(model=model, **limits), scheduler)[0]
+    return build_core(EngineConfig(model=model, **limits), scheduler)
 
 
 class HookLedger:
@@ -114,7 +114,7 @@ class HookLedger:
 
 
 def run_workload(
-    core: EngineCore, arrivals: list[Arrival], name: str
+    core: EngineCore, info: EngineInfo, arrivals: list[Arrival], name: str
 ) -> dict[str, tuple[list[int], FinishReason | None]]:
     """Drive `core` step by step, checking limits and accounting after each step, and the
     lifecycle callbacks at the end."""
@@ -144,9 +144,9 @@ def run_workload(
             if out.finished:
                 done[_key(out)] = (tokens[_key(out)], out.finish_reason)
         scheduled = core.last_step
-        if sum(n for _, n in scheduled) > core.config.max_batch_tokens:
+        if sum(n for _, n in scheduled) > info.max_batch_tokens:
             raise ConformanceError(f"{name}: step {step} exceeded the token budget: {scheduled}")
-        if len(scheduled) > core.config.max_num_seqs:
+        if len(scheduled) > info.max_num_seqs:
             raise ConformanceError(f"{name}: step {step} exceeded the sequence limit: {scheduled}")
         try:
             core.check_invariants()
@@ -158,8 +158,8 @@ def run_workload(
         step += 1
         if step > bound:
             raise ConformanceError(f"{name}: workload of {len(arrivals)} requests did not finish in {bound} steps")
-    if core.blocks.num_used:
-        raise ConformanceError(f"{name}: {core.blocks.num_used} KV blocks still owned after every request ended")
+    if core.num_blocks_used:
+        raise ConformanceError(f"{name}: {core.num_blocks_used} KV blocks still owned after every request ended")
     ledger.check(name, done)
     if len(ledger.steps) != core.num_steps - steps_at_start:
         raise ConformanceError(
@@ -178,14 +178,14 @@ def _reset(core: EngineCore) -> None:
     example starts from the same state (hypothesis replays failures to shrink them)."""
     for seq in list(core.waiting) + list(core.running):
         core.abort(seq.parent_id)
-    core.blocks.clear_cache()
+    core.clear_prefix_cache()
 
 
 class _Alone:
     """Each request's output when it runs by itself (cached per request content)."""
 
     def __init__(self, factory: Callable[[], Scheduler], model: str) -> None:
-        self.core = _core(factory, model, ROOMY)
+        self.core, self.info = _core(factory, model, ROOMY)
         self.cache: dict[tuple, list[int]] = {}
 
     def __call__(self, request: GenerationRequest, name: str) -> list[int]:
@@ -193,7 +193,7 @@ class _Alone:
         key = (tuple(request.prompt), s.temperature, s.seed, request.stopping.max_new_tokens)
         if key not in self.cache:
             solo = GenerationRequest(request.prompt, request.sampling, request.stopping, request_id="alone")
-            self.cache[key] = run_workload(self.core, [Arrival(0, solo)], name)["alone"][0]
+            self.cache[key] = run_workload(self.core, self.info, [Arrival(0, solo)], name)["alone"][0]
         return self.cache[key]
 
 
@@ -217,8 +217,8 @@ def check_random_workloads(
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    core = _core(factory, model, TIGHT)
-    name = core.scheduler.name or type(core.scheduler).__name__
+    core, info = _core(factory, model, TIGHT)
+    name = info.scheduler
     alone = _Alone(factory, model)
     report = ConformanceReport(name)
     request = st.tuples(
@@ -244,7 +244,7 @@ def check_random_workloads(
         arrivals = _arrivals(spec, seed)
         steps_before = core.num_steps
         try:
-            done = run_workload(core, arrivals, name)
+            done = run_workload(core, info, arrivals, name)
         finally:
             _reset(core)
         report.workloads += 1
@@ -268,7 +268,7 @@ def check_random_workloads(
 
     workload()
     report.preemptions = core.num_preemptions
-    report.prefix_hit_tokens = core.blocks.stats.hit_tokens
+    report.prefix_hit_tokens = core.prefix_hit_tokens
     return report
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tandem.bench.workloads import make  # noqa: E402
 from tandem.engine import EngineConfig, SamplingParams, StoppingCriteria  # noqa: E402
-from tandem.engine.engine import build_core  # noqa: E402
+from tandem.engine.build import build_core  # noqa: E402
 from tandem.engine.request import GenerationRequest  # noqa: E402
 from tandem.schedulers import load_scheduler  # noqa: E402
 
@@ -47,8 +47,8 @@ def main() -> None:
     p.add_argument("--warm-decode-steps", type=int, default=40)
     p.add_argument("--top", type=int, default=0, help="also list the N costliest ops outside the groups")
     args = p.parse_args()
-    core, loaded = build_core(EngineConfig(model=args.model), load_scheduler("fcfs"))
-    work = make("offline", loaded.vocab_size, requests=64)
+    core, info = build_core(EngineConfig(model=args.model), load_scheduler("fcfs"))
+    work = make("offline", info.vocab_size, requests=64)
     for prompt in work.prompts:
         request = GenerationRequest(
             prompt, SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=400, ignore_eos=True)
@@ -79,10 +79,8 @@ def main() -> None:
     others = sorted(((t, k) for k, t in totals.items() if k not in grouped), reverse=True)[: args.top]
     for t, name in others:
         print(f"    {name:<40}{t / 1e3 / args.steps:8.2f} ms/step")
-    text = loaded.config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * loaded.dtype.itemsize
-    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    per_token = info.kv_bytes_per_rank[0] // info.limits.kv_capacity_tokens
+    weights = sum(p.numel() * p.element_size() for p in core.model.parameters())
     print(
         f"KV bytes a step must read: {sum(contexts) * per_token / 2**20:.0f} MiB "
         f"(weights: {weights / 2**20:.0f} MiB, read once per step)"

@@ -114,10 +114,8 @@ def run_tandem(
     started = time.perf_counter()
     with Engine(config, sched) as engine:
         ready = time.perf_counter() - started  # model load, KV, kernel builds, graph capture
-        executor = engine.core.executor
         engine.generate(prompts[:2], SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=4))
-        stats = executor.stats
-        busy0, idle0, steps0 = stats.busy_seconds, stats.idle_seconds, stats.steps
+        s0 = engine.stats()
         compiled0 = triton_variants()
         walls, runs = [], []
         for _ in range(repeats):  # a timed run is short: its median is steadier than one
@@ -127,9 +125,11 @@ def run_tandem(
         done = runs[0]
         compiled = triton_variants()  # Triton compiles while timed: should be none
         compiles = compiled - compiled0 if compiled is not None and compiled0 is not None else None
-        busy, idle, steps = stats.busy_seconds - busy0, stats.idle_seconds - idle0, stats.steps - steps0
-        kernel = "triton" if executor.paged_kernel else "c++" if executor.fused_decode else "gather"
-        replays = executor.graphs.replays if executor.graphs is not None else 0
+        s1 = engine.stats()
+        busy, idle = s1.device_busy_seconds - s0.device_busy_seconds, s1.device_idle_seconds - s0.device_idle_seconds
+        steps = s1.steps - s0.steps
+        kernel = {"cpu-kernel": "c++"}.get(engine.info.attention, engine.info.attention)
+        replays = s1.graph_replays
     tokens = sum(len(c.token_ids) for c in done)
     tp = f", TP {tensor_parallel}" if tensor_parallel > 1 else ""
     return dict(
@@ -213,7 +213,7 @@ def structured_check(path: Path, device: str) -> dict:
             answers = [answer for got in outputs[:12] for answer in got.values()]
             # every answer's tokens, replayed through a fresh matcher: a token the grammar refuses
             # is a mask that failed on this device, however the answer ended
-            refused = [tokens for tokens, _, _ in answers if not grammar_accepts(engine, schema, tokens)]
+            refused = [tokens for tokens, _, _ in answers if not engine.grammar_accepts(schema, tokens)]
         parsed, truncated, failed = 0, 0, [f"grammar refused a token of {tokens[-8:]}" for tokens in refused]
         for _, text, reason in answers:
             try:
@@ -235,11 +235,6 @@ def structured_check(path: Path, device: str) -> dict:
         structured_all_parsed=all(not r["failed"] for r in runs.values()),
         structured_identical=runs["fcfs"]["outputs"] == runs["async-overlap"]["outputs"],
     )
-
-
-def grammar_accepts(engine: Engine, constraint: Any, tokens: list[int]) -> bool:
-    state = engine.core.grammars.state(constraint)
-    return all(state.consume(token) for token in tokens)
 
 
 @dataclass

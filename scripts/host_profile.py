@@ -45,13 +45,15 @@ def main() -> int:
         options = {"policy": "fcfs"} if args.scheduler == "async-overlap" else {}
         stop = StoppingCriteria(max_new_tokens=args.new, ignore_eos=True)
         with Engine(config, load_scheduler(args.scheduler, options)) as engine:
-            stats = engine.core.executor.stats
             for i in range(args.rounds):
-                busy0, idle0, steps0 = stats.busy_seconds, stats.idle_seconds, stats.steps
+                s0 = engine.stats()
                 start = time.perf_counter()
                 done = engine.generate(prompts, SamplingParams(temperature=0), stop)
                 wall = time.perf_counter() - start
-                busy, idle, steps = stats.busy_seconds - busy0, stats.idle_seconds - idle0, stats.steps - steps0
+                s1 = engine.stats()
+                busy = s1.device_busy_seconds - s0.device_busy_seconds
+                idle = s1.device_idle_seconds - s0.device_idle_seconds
+                steps = s1.steps - s0.steps
                 tokens = sum(len(c.token_ids) for c in done)
                 print(
                     f"round {i}: {tokens / wall:.0f} tok/s, {steps} steps, wall/step {1e3 * wall / steps:.2f} ms, "

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tandem.bench.workloads import make  # noqa: E402
 from tandem.engine import EngineConfig, SamplingParams, StoppingCriteria  # noqa: E402
-from tandem.engine.engine import build_core  # noqa: E402
+from tandem.engine.build import build_core  # noqa: E402
 from tandem.engine.request import GenerationRequest  # noqa: E402
 from tandem.schedulers import load_scheduler  # noqa: E402
 
@@ -32,9 +32,9 @@ MATMUL = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
 def measure(model: str, tp: int, rows: int, steps: int) -> dict:
-    core, _ = build_core(EngineConfig(model=model, tensor_parallel=tp), load_scheduler("fcfs"))
+    core, info = build_core(EngineConfig(model=model, tensor_parallel=tp), load_scheduler("fcfs"))
     try:
-        work = make("offline", core.limits.vocab_size, requests=rows)
+        work = make("offline", info.vocab_size, requests=rows)
         for prompt in work.prompts:
             stop = StoppingCriteria(max_new_tokens=steps + 60, ignore_eos=True)
             core.add(core.make_sequence(GenerationRequest(prompt, SamplingParams(temperature=0), stop)))

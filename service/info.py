@@ -20,36 +20,34 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        engine = await self.slot.get(context)
-        m = engine.model
+        info = (await self.slot.get(context)).info
         return pb.GetModelInfoResponse(
-            name=m.name,
-            architecture=(m.config.architectures or [type(m.model).__name__])[0],
-            context_length=m.max_model_len,
-            vocab_size=m.vocab_size,
-            eos_token_ids=list(m.eos_token_ids),
-            dtype=str(m.dtype).removeprefix("torch."),
-            device=str(m.device),
-            attention=engine.attention,
-            cuda_graph_buckets=engine.graph_buckets,
-            tensor_parallel=engine.config.tensor_parallel,
-            kv_bytes_per_rank=engine.kv_bytes_per_rank,
+            name=info.model_name,
+            architecture=info.architecture,
+            context_length=info.max_model_len,
+            vocab_size=info.vocab_size,
+            eos_token_ids=list(info.eos_token_ids),
+            dtype=info.dtype,
+            device=info.device,
+            attention=info.attention,
+            cuda_graph_buckets=list(info.graph_buckets),
+            tensor_parallel=info.tensor_parallel,
+            kv_bytes_per_rank=list(info.kv_bytes_per_rank),
         )
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
-        engine = await self.slot.get(context)
-        c = engine.config
+        info = (await self.slot.get(context)).info
         return pb.GetServerInfoResponse(
             version=tandem.__version__,
-            scheduler=engine.scheduler_name,
-            scheduler_options=engine.scheduler_options,
-            max_batch_tokens=c.max_batch_tokens,
-            max_num_seqs=c.max_num_seqs,
+            scheduler=info.scheduler,
+            scheduler_options=dict(info.scheduler_options),
+            max_batch_tokens=info.max_batch_tokens,
+            max_num_seqs=info.max_num_seqs,
             max_waiting=self.max_waiting,
-            block_size=c.block_size,
-            kv_blocks=engine.stats().kv_blocks_total,
+            block_size=info.block_size,
+            kv_blocks=info.kv_blocks,
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:

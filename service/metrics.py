@@ -8,6 +8,7 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tandem.engine import Engine
+from tandem.engine.stats import EngineStats
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -45,34 +46,20 @@ class EngineCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.engine.stats()
-        gauges = {
-            "tandem_waiting_requests": ("Requests waiting to be scheduled (queue depth)", s.waiting),
-            "tandem_running_requests": ("Requests holding KV blocks", s.running),
-            "tandem_kv_blocks_used": ("KV blocks owned by requests", s.kv_blocks_used),
-            "tandem_kv_blocks_cached": ("KV blocks findable in the prefix cache", s.kv_blocks_cached),
-            "tandem_kv_blocks_total": ("KV blocks in the pool", s.kv_blocks_total),
-            "tandem_kv_usage_ratio": ("Owned KV blocks / all", s.kv_blocks_used / max(1, s.kv_blocks_total)),
-            "tandem_prefix_cache_hit_ratio": ("Prompt tokens served from the prefix cache", s.prefix_cache_hit_rate),
-            "tandem_device_idle_ratio": ("Device idle / (busy + idle) since start", s.device_idle_fraction),
-            "tandem_mean_step_tokens": ("Tokens per step since start (batch size)", s.step_tokens / max(1, s.steps)),
-            "tandem_mean_step_seconds": (
-                "Device busy time per step since start",
-                s.device_busy_seconds / max(1, s.steps),
-            ),
-            "tandem_output_tokens_per_second": ("Output tokens/s over the last 10 s", s.output_tokens_per_second),
-        }
-        for name, (doc, value) in gauges.items():
+        for kind, name, doc, value in s.exported():
+            yield (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, value=value)
+        for name, (doc, value) in _ratios(s).items():
             yield GaugeMetricFamily(name, doc, value=value)
-        counters = {
-            "tandem_steps": ("Engine steps", s.steps),
-            "tandem_step_tokens": ("Tokens computed in steps", s.step_tokens),
-            "tandem_device_busy_seconds": ("Device busy time (forward + sampling)", s.device_busy_seconds),
-            "tandem_device_idle_seconds": ("Device idle time while work was pending", s.device_idle_seconds),
-            "tandem_host_prepare_seconds": ("Host batch preparation time", s.host_prepare_seconds),
-            "tandem_preemptions": ("Requests preempted (recompute)", s.preemptions),
-        }
-        for name, (doc, value) in counters.items():
-            yield CounterMetricFamily(name, doc, value=value)
+
+
+def _ratios(s: EngineStats) -> dict[str, tuple[str, float]]:
+    """Gauges derived from the snapshot's fields (the fields themselves: EngineStats.exported)."""
+    return {
+        "tandem_kv_usage_ratio": ("Owned KV blocks / all", s.kv_usage),
+        "tandem_device_idle_ratio": ("Device idle / (busy + idle) since start", s.device_idle_fraction),
+        "tandem_mean_step_tokens": ("Tokens per step since start (batch size)", s.mean_step_tokens),
+        "tandem_mean_step_seconds": ("Device busy time per step since start", s.mean_step_seconds),
+    }
 
 
 def start(engine: Engine, host: str, port: int) -> int:

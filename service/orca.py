@@ -10,7 +10,7 @@ from collections import deque
 
 from xds.data.orca.v3.orca_load_report_pb2 import OrcaLoadReport
 
-from tandem.engine.engine import Load
+from tandem.engine.stats import Load
 
 TRAILER = "endpoint-load-metrics-bin"
 RATE_WINDOW_S = 10.0
@@ -39,16 +39,12 @@ class RequestRate:
 def load_report(load: Load, rps: float) -> OrcaLoadReport:
     """KV occupancy is the utilisation (what limits how many more requests fit); the queue,
     running requests and output rate ride along as named metrics."""
-    kv = load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 0.0
+    kv = load.kv_usage
     return OrcaLoadReport(
         application_utilization=kv,
         rps_fractional=rps,
         utilization={"kv_cache": kv},
-        named_metrics={
-            "waiting_requests": float(load.waiting),
-            "running_requests": float(load.running),
-            "output_tokens_per_second": load.output_tokens_per_second,
-        },
+        named_metrics=load.named_metrics(),
     )
 
 

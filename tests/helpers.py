@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tandem.engine import Engine, EngineConfig
-from tandem.engine.engine import build_core
+from tandem.engine.build import build_core
 from tandem.engine.host.core import EngineCore
 from tandem.schedulers import load_scheduler
 

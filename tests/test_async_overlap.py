@@ -8,13 +8,13 @@ import torch
 
 from helpers import make_engine
 from tandem.engine import EngineConfig
+from tandem.engine.build import build_core
 from tandem.engine.device.batch import StepBatch, StepRow
 from tandem.engine.device.executor import Executor
 from tandem.engine.device.executor_worker import WorkerExecutor
 from tandem.engine.device.kv_cache import KVCache, KVLayout
 from tandem.engine.device.placeholders import placeholder
 from tandem.engine.device.sampling import SampleSpec
-from tandem.engine.engine import build_core
 from tandem.engine.model.loader import load_model
 from tandem.engine.request import FinishReason, GenerationRequest, SamplingParams, StoppingCriteria
 from tandem.schedulers import load_scheduler
@@ -72,16 +72,16 @@ def _workload(seed: int, sampled: bool) -> list[Arrival]:
 def _core(policy: str, overlap: bool):
     name, opts = ("async-overlap", {"policy": policy}) if overlap else (policy, {})
     cfg = EngineConfig(model="tiny-llama", block_size=4, kv_blocks=14, max_batch_tokens=24, max_num_seqs=5)
-    return build_core(cfg, load_scheduler(name, opts))[0]
+    return build_core(cfg, load_scheduler(name, opts))
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("policy", ["fcfs", "prefill-priority"])
 def test_async_overlap_gives_the_policys_tokens(policy: str, sampled: bool) -> None:
     for seed in range(3):
-        sync_core, async_core = _core(policy, False), _core(policy, True)
-        sync = run_workload(sync_core, _workload(seed, sampled), policy)
-        overlapped = run_workload(async_core, _workload(seed, sampled), "async-overlap")
+        (sync_core, sync_info), (async_core, async_info) = _core(policy, False), _core(policy, True)
+        sync = run_workload(sync_core, sync_info, _workload(seed, sampled), policy)
+        overlapped = run_workload(async_core, async_info, _workload(seed, sampled), "async-overlap")
         assert sync_core.num_preemptions > 0 and async_core.num_preemptions > 0
         reasons = set()
         for rid, (tokens, reason) in sync.items():

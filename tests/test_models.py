@@ -102,7 +102,7 @@ def test_preset_directories_take_the_users_umask(tmp_path: Path, monkeypatch: py
 
 
 def test_a_kv_budget_too_small_for_one_step_is_refused_at_start() -> None:
-    from tandem.engine.engine import build_core
+    from tandem.engine.build import build_core
     from tandem.schedulers import load_scheduler
 
     config = EngineConfig(model="tiny-llama", kv_cache_gb=1e-5, max_batch_tokens=512)

@@ -158,7 +158,7 @@ def test_a_victim_outside_the_candidates_is_refused() -> None:
                     ctx.schedule(req, min(req.remaining, ctx.token_budget))
 
     from tandem.engine import EngineConfig
-    from tandem.engine.engine import build_core
+    from tandem.engine.build import build_core
 
     core = build_core(EngineConfig(model="tiny-llama", block_size=4, kv_blocks=8, max_batch_tokens=64), Rogue())[0]
     try:

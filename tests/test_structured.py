@@ -13,7 +13,7 @@ import pytest
 
 from helpers import make_engine, ordinary_model
 from tandem.engine import Constraint, ConstraintKind, EngineConfig, FinishReason, InvalidRequestError
-from tandem.engine.engine import build_core
+from tandem.engine.build import build_core
 from tandem.engine.request import GenerationRequest, SamplingParams, StoppingCriteria
 from tandem.schedulers import load_scheduler
 from tandem.schedulers.testing import Arrival, run_workload
@@ -168,9 +168,9 @@ def _workload(seed: int, sampled: bool) -> list[Arrival]:
 
 def _run(name: str, options: dict[str, str], seed: int, sampled: bool):
     cfg = EngineConfig(model="tiny-llama", block_size=4, kv_blocks=20, max_batch_tokens=24, max_num_seqs=5)
-    core = build_core(cfg, load_scheduler(name, options))[0]
+    core, info = build_core(cfg, load_scheduler(name, options))
     try:
-        return run_workload(core, _workload(seed, sampled), name), core.num_preemptions
+        return run_workload(core, info, _workload(seed, sampled), name), core.num_preemptions
     finally:
         core.close()
 

@@ -141,7 +141,15 @@ def paged_kernel_for(choice: str, device: torch.device) -> Callable | None:
 
 
 class Executor:
-    def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0, attention: str = "auto") -> None:
+    def __init__(
+        self,
+        model: Any,
+        kv: KVCache,
+        device: torch.device,
+        seed: int = 0,
+        attention: str = "auto",
+        tp: TensorParallel | None = None,
+    ) -> None:
         # model: a transformers PreTrainedModel (Any: its attributes are built at run time)
         self.model = model
         self.kv = kv
@@ -160,7 +168,7 @@ class Executor:
         self._last_end_event: torch.cuda.Event | None = None  # synchronous CUDA steps: the device timeline
         self._fault = faults.from_env()
         self._computed = 0
-        self.tp: TensorParallel | None = None  # rank 0 of a tensor-parallel group: followers run each step too
+        self.tp = tp  # rank 0 of a tensor-parallel group: followers run each step too
 
     @property
     def attention_kind(self) -> str:

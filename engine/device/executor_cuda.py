@@ -12,7 +12,7 @@ stream, so they are the device's own timeline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from tandem.engine.device.batch import StepBatch
 from tandem.engine.device.executor import Executor, StepHandle, StepResult
 from tandem.engine.device.kv_cache import KVCache
 from tandem.engine.device.sampling import SampleOutput
+
+if TYPE_CHECKING:
+    from tandem.engine.device.tensor_parallel import TensorParallel
 
 
 @dataclass
@@ -36,8 +39,16 @@ class CudaStep(StepHandle):
 
 
 class CudaExecutor(Executor):
-    def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0, attention: str = "auto") -> None:
-        super().__init__(model, kv, device, seed, attention)
+    def __init__(
+        self,
+        model: Any,
+        kv: KVCache,
+        device: torch.device,
+        seed: int = 0,
+        attention: str = "auto",
+        tp: TensorParallel | None = None,
+    ) -> None:
+        super().__init__(model, kv, device, seed, attention, tp)
         self.h2d = torch.cuda.Stream(device)
         self.compute = torch.cuda.Stream(device)
         self.d2h = torch.cuda.Stream(device)

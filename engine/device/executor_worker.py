@@ -10,13 +10,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tandem.engine.device.batch import StepBatch
 from tandem.engine.device.executor import Executor, StepHandle, StepResult
 from tandem.engine.device.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from tandem.engine.device.tensor_parallel import TensorParallel
 
 
 @dataclass
@@ -25,8 +28,16 @@ class WorkerStep(StepHandle):
 
 
 class WorkerExecutor(Executor):
-    def __init__(self, model: Any, kv: KVCache, device: torch.device, seed: int = 0, attention: str = "auto") -> None:
-        super().__init__(model, kv, device, seed, attention)
+    def __init__(
+        self,
+        model: Any,
+        kv: KVCache,
+        device: torch.device,
+        seed: int = 0,
+        attention: str = "auto",
+        tp: TensorParallel | None = None,
+    ) -> None:
+        super().__init__(model, kv, device, seed, attention, tp)
         self._jobs: queue.SimpleQueue[WorkerStep | None] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._run, name="tandem-device", daemon=True)
         self._worker.start()

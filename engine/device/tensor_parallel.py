@@ -146,7 +146,7 @@ class TensorParallel:
     """Rank 0's side: starts the followers, sends them each step, watches them."""
 
     def __init__(self, config: EngineConfig, share_tokens: bool, build: Callable[[EngineConfig, Any], Any]) -> None:
-        """`build(config, control)`: a follower's executor (tandem.engine.engine.build_follower),
+        """`build(config, control)`: a follower's executor (tandem.engine.build.build_follower),
         passed in so that this module does not import the engine."""
         self.world = config.tensor_parallel
         self.share_tokens = share_tokens
@@ -165,7 +165,6 @@ class TensorParallel:
         self._closed = False
         self._ready = False  # set by started(): before it, a follower may be in a start-up collective
         self._aborted: str | None = None
-        self.kv_bytes: list[int] = []  # each rank's KV pool (set once every rank has allocated it)
         self._threads = torch.get_num_threads()  # _join shares the cores out; close() gives them back
         # NOTE: followers ignore SIGTERM, so multiprocessing's own exit hook (SIGTERM, then an
         # unbounded join) would wait forever on idle ones when close() was never reached (an

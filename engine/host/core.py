@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -18,7 +19,7 @@ import structlog
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.device.batch import StepBatch, StepRow
-from tandem.engine.device.executor import Executor, StepHandle, TokenChoice
+from tandem.engine.device.executor import Executor, ExecutorStats, StepHandle, StepTrace, TokenChoice
 from tandem.engine.device.placeholders import placeholder
 from tandem.engine.device.sampling import GrammarMasks, SampleSpec
 from tandem.engine.host import clock
@@ -26,6 +27,7 @@ from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.detokenizer import IncrementalDetokenizer, Tokenizer
 from tandem.engine.host.grammar import Grammars, GrammarState, allocate_masks, fill_masks
 from tandem.engine.host.kv_accounting import KVAccounting
+from tandem.engine.host.kv_events import KvEventLog
 from tandem.engine.host.queues import RequestQueues
 from tandem.engine.host.scheduling import Scheduler, StepContext, StepReport, view_of
 from tandem.engine.host.sequence import SeqStatus, Sequence, sample_key
@@ -177,6 +179,48 @@ class EngineCore:
     @property
     def num_preemptions(self) -> int:
         return self.queues.num_preemptions
+
+    @property
+    def num_blocks_used(self) -> int:
+        return self.kv.blocks.num_used
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache since start."""
+        return self.kv.blocks.stats.hit_tokens
+
+    @property
+    def kv_events(self) -> KvEventLog | None:
+        """The prefix cache's stored and removed blocks, for routers (None: caching is off)."""
+        blocks = self.kv.blocks
+        return blocks.events if blocks.enable_prefix_caching else None
+
+    @property
+    def device_stats(self) -> ExecutorStats:
+        """Where step time goes (the executor's counters)."""
+        return self.executor.stats
+
+    @property
+    def model(self):  # a transformers PreTrainedModel (Any: built at run time)
+        """The weights the executor runs (benchmarks measure them)."""
+        return self.executor.model
+
+    def clear_prefix_cache(self) -> None:
+        self.kv.blocks.clear_cache()
+
+    def trace_steps(self) -> list[StepTrace]:
+        """Turn the executor's step trace on: each step's shape is appended to the list returned."""
+        self.executor.stats.trace = []
+        return self.executor.stats.trace
+
+    def pause_device(self) -> None:
+        """The engine ran out of work: the gap until the next step is not device idle time."""
+        self.executor.pause()
+
+    def watch_ranks(self, on_death: Callable[[str], None]) -> None:
+        """Under tensor parallelism, call `on_death` (from a thread) if a follower rank exits."""
+        if self.executor.tp is not None:
+            self.executor.tp.watch(on_death)
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
