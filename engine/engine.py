@@ -35,7 +35,7 @@ from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.core import EngineCore
 from tandem.engine.host.heap import collect_before_build, freeze_startup_heap, thaw_heap
 from tandem.engine.host.kv_events import KvEventLog
-from tandem.engine.host.scheduling import Scheduler
+from tandem.engine.host.scheduling import SchedulerPort
 from tandem.engine.host.sequence import Sequence
 from tandem.engine.host.threads import on_fresh_thread
 from tandem.engine.model.loader import LoadedModel, check_tensor_parallel, load_model
@@ -107,7 +107,7 @@ def make_executor(loaded: LoadedModel, kv: KVCache, seed: int, overlap: bool, at
     return kind(loaded.model, kv, loaded.device, seed, attention)
 
 
-def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, LoadedModel]:
+def build_core(config: EngineConfig, scheduler: SchedulerPort) -> tuple[EngineCore, LoadedModel]:
     """Load the model, size and allocate the KV pools, and wire the core together."""
     try:
         return _build_core(config, scheduler)
@@ -119,7 +119,7 @@ def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, 
         ) from None
 
 
-def _build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, LoadedModel]:
+def _build_core(config: EngineConfig, scheduler: SchedulerPort) -> tuple[EngineCore, LoadedModel]:
     config.validate()
     tp = None
     if config.tensor_parallel > 1:
@@ -177,7 +177,7 @@ def build_follower(config: EngineConfig, control: Any) -> Executor:
 
 
 def _build_leader(
-    config: EngineConfig, scheduler: Scheduler, tp: TensorParallel | None
+    config: EngineConfig, scheduler: SchedulerPort, tp: TensorParallel | None
 ) -> tuple[EngineCore, LoadedModel]:
     device = str(rank_device(config, 0)) if tp is not None else config.device
     loaded = load_model(config.model, config.dtype, device, config.tensor_parallel)
@@ -208,7 +208,7 @@ def _build_leader(
     log.info(
         "engine_ready",
         model=config.model,
-        scheduler=scheduler.name,
+        scheduler=scheduler.engine_label,
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
         kv_blocks=num_blocks,
@@ -223,14 +223,14 @@ class Engine:
     """The offline engine. `scheduler` is a policy instance, usually from the plugin registry:
     `Engine(EngineConfig(model="tiny-llama"), schedulers.load_scheduler("fcfs"))`."""
 
-    def __init__(self, config: EngineConfig | None, scheduler: Scheduler, **overrides) -> None:
-        if not isinstance(scheduler, Scheduler):
+    def __init__(self, config: EngineConfig | None, scheduler: SchedulerPort, **overrides) -> None:
+        if not isinstance(scheduler, SchedulerPort):  # a tandem.schedulers.Scheduler
             raise TypeError(f"scheduler must be a Scheduler instance, got {scheduler!r}")
         self.config = replace(config or EngineConfig(), **overrides)
         collect_before_build()
         self.core, self.model = on_fresh_thread(build_core, self.config, scheduler)  # see tandem.engine.host.threads
         self.tokenizer = self.model.tokenizer
-        self.scheduler_name = scheduler.name or type(scheduler).__name__
+        self.scheduler_name = scheduler.engine_label
         self.scheduler_options = {k: str(v) for k, v in scheduler.loaded_with.items()}
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}

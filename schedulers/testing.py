@@ -26,8 +26,8 @@ import numpy as np
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import build_core
 from tandem.engine.host.core import EngineCore
-from tandem.engine.host.scheduling import Scheduler
 from tandem.engine.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams, StoppingCriteria
+from tandem.schedulers.api import Scheduler
 
 TIGHT = dict(block_size=4, kv_blocks=12, max_batch_tokens=24, max_num_seqs=6)
 ROOMY = dict(block_size=4, kv_blocks=64, max_batch_tokens=64, max_num_seqs=8)
@@ -177,7 +177,7 @@ def _reset(core: EngineCore) -> None:
     """End whatever a failed workload left behind and empty the prefix cache, so every
     example starts from the same state (hypothesis replays failures to shrink them)."""
     for seq in list(core.waiting) + list(core.running):
-        core.abort(seq.parent_id)
+        core.abort(seq.family.parent_id)
     core.blocks.clear_cache()
 
 
