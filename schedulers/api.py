@@ -55,6 +55,7 @@ class Scheduler(ABC):
     # The options it was loaded with, as given (GetServerInfo reports them). Set by the registry's
     # load_scheduler under a name a plugin is unlikely to use for its own state.
     loaded_with: Mapping[str, object] = MappingProxyType({})
+    __views: _Views  # the engine's side: see _engine_views
 
     @abstractmethod
     def schedule(self, ctx: StepContext) -> None:

@@ -95,6 +95,7 @@ class HookLedger:
     def of(core: EngineCore) -> HookLedger:
         ledger = getattr(core, "_hook_ledger", None)
         if ledger is None:
+            assert isinstance(core.scheduler, Scheduler), "the kit builds its cores with a Scheduler"
             ledger = HookLedger(core.scheduler)
             core._hook_ledger = ledger  # type: ignore[attr-defined]
         return ledger
@@ -218,7 +219,7 @@ def check_random_workloads(
     from hypothesis import strategies as st
 
     core = _core(factory, model, TIGHT)
-    name = core.scheduler.name or type(core.scheduler).__name__
+    name = core.scheduler.engine_label
     alone = _Alone(factory, model)
     report = ConformanceReport(name)
     request = st.tuples(
