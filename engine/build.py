@@ -27,7 +27,7 @@ from tandem.engine.host.block_manager import BlockManager
 from tandem.engine.host.core import EngineCore
 from tandem.engine.host.heap import freeze_startup_heap
 from tandem.engine.host.kv_events import KvEventLog
-from tandem.engine.host.scheduling import Scheduler
+from tandem.engine.host.scheduling import SchedulerPort
 from tandem.engine.model.loader import LoadedModel, check_tensor_parallel, load_model
 from tandem.engine.model.support import context_length
 from tandem.engine.request import ModelLimits
@@ -68,10 +68,6 @@ class EngineInfo:
         return self.limits.kv_capacity_tokens
 
 
-def scheduler_label(scheduler: Scheduler) -> str:
-    return scheduler.name or type(scheduler).__name__
-
-
 def make_executor(
     loaded: LoadedModel,
     kv: KVCache,
@@ -91,13 +87,13 @@ def make_executor(
     return kind(loaded.model, kv, loaded.device, seed, attention, tp)
 
 
-def build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, EngineInfo]:
+def build_core(config: EngineConfig, scheduler: SchedulerPort) -> tuple[EngineCore, EngineInfo]:
     """Load the model, size and allocate the KV pools, and wire the core together."""
     core, info, _ = assemble(config, scheduler)
     return core, info
 
 
-def assemble(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, EngineInfo, LoadedModel]:
+def assemble(config: EngineConfig, scheduler: SchedulerPort) -> tuple[EngineCore, EngineInfo, LoadedModel]:
     """`build_core`, also returning the loaded model (its tokenizer and weights, for `Engine`)."""
     try:
         return _build_core(config, scheduler)
@@ -109,7 +105,7 @@ def assemble(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, En
         ) from None
 
 
-def _build_core(config: EngineConfig, scheduler: Scheduler) -> tuple[EngineCore, EngineInfo, LoadedModel]:
+def _build_core(config: EngineConfig, scheduler: SchedulerPort) -> tuple[EngineCore, EngineInfo, LoadedModel]:
     config.validate()
     tp = None
     if config.tensor_parallel > 1:
@@ -167,7 +163,7 @@ def build_follower(config: EngineConfig, control: Any) -> Executor:
 
 
 def _build_leader(
-    config: EngineConfig, scheduler: Scheduler, tp: TensorParallel | None
+    config: EngineConfig, scheduler: SchedulerPort, tp: TensorParallel | None
 ) -> tuple[EngineCore, EngineInfo, LoadedModel]:
     device = str(rank_device(config, 0)) if tp is not None else config.device
     loaded = load_model(config.model, config.dtype, device, config.tensor_parallel)
@@ -190,7 +186,7 @@ def _build_leader(
     log.info(
         "engine_ready",
         model=config.model,
-        scheduler=scheduler.name,
+        scheduler=scheduler.engine_label,
         device=info.device,
         dtype=info.dtype,
         kv_blocks=num_blocks,
@@ -203,7 +199,7 @@ def _build_leader(
 
 def _describe(
     config: EngineConfig,
-    scheduler: Scheduler,
+    scheduler: SchedulerPort,
     loaded: LoadedModel,
     limits: ModelLimits,
     executor: Executor,
@@ -232,7 +228,7 @@ def _describe(
     )
 
 
-def _settings(config: EngineConfig, scheduler: Scheduler) -> dict[str, Any]:
+def _settings(config: EngineConfig, scheduler: SchedulerPort) -> dict[str, Any]:
     """The EngineInfo fields that come from the configuration and the policy."""
     return dict(
         block_size=config.block_size,
@@ -240,13 +236,13 @@ def _settings(config: EngineConfig, scheduler: Scheduler) -> dict[str, Any]:
         max_batch_tokens=config.max_batch_tokens,
         max_num_seqs=config.max_num_seqs,
         prefix_caching=config.enable_prefix_caching,
-        scheduler=scheduler_label(scheduler),
+        scheduler=scheduler.engine_label,
         scheduler_options=tuple((k, str(v)) for k, v in scheduler.loaded_with.items()),
     )
 
 
 def build_simulated_core(
-    config: EngineConfig, scheduler: Scheduler, cost: CostModel, advance: Callable[[float], None], seed: int = 0
+    config: EngineConfig, scheduler: SchedulerPort, cost: CostModel, advance: Callable[[float], None], seed: int = 0
 ) -> tuple[EngineCore, EngineInfo]:
     """The real core over the simulated executor (no weights: the model's config and tokenizer
     only); each step advances the caller's clock by `advance(seconds)`. The pool is the one the

@@ -33,7 +33,7 @@ from tandem.engine.errors import (
 from tandem.engine.host.core import EngineCore
 from tandem.engine.host.heap import collect_before_build, freeze_startup_heap, thaw_heap
 from tandem.engine.host.kv_events import KvEventLog
-from tandem.engine.host.scheduling import Scheduler
+from tandem.engine.host.scheduling import SchedulerPort
 from tandem.engine.host.sequence import Sequence
 from tandem.engine.host.threads import on_fresh_thread
 from tandem.engine.model.loader import LoadedModel
@@ -65,8 +65,8 @@ class Engine:
     """The offline engine. `scheduler` is a policy instance, usually from the plugin registry:
     `Engine(EngineConfig(model="tiny-llama"), schedulers.load_scheduler("fcfs"))`."""
 
-    def __init__(self, config: EngineConfig | None, scheduler: Scheduler, **overrides) -> None:
-        if not isinstance(scheduler, Scheduler):
+    def __init__(self, config: EngineConfig | None, scheduler: SchedulerPort, **overrides) -> None:
+        if not isinstance(scheduler, SchedulerPort):  # a tandem.schedulers.Scheduler
             raise TypeError(f"scheduler must be a Scheduler instance, got {scheduler!r}")
         self.config = replace(config or EngineConfig(), **overrides)
         collect_before_build()

@@ -4,7 +4,7 @@ A plugin subclasses `Scheduler`, sets `name`, implements `schedule(ctx)`, and re
 class under the `tandem.schedulers` entry-point group. See docs/schedulers.md.
 """
 
-from tandem.engine.host.scheduling import (
+from tandem.schedulers.api import (
     API_VERSION,
     SUPPORTED_API_VERSIONS,
     RequestView,

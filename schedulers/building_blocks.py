@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tandem.engine.host.scheduling import RequestView, StepContext
+from tandem.schedulers.api import RequestView, StepContext
 
 
 def continue_running(ctx: StepContext, order: Iterable[RequestView] | None = None) -> bool:

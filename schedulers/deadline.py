@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tandem.engine.host.scheduling import RequestView, Scheduler, StepContext, StepReport
+from tandem.schedulers.api import RequestView, Scheduler, StepContext, StepReport
 from tandem.schedulers.building_blocks import admit_waiting, continue_running
 
 

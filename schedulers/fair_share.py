@@ -8,7 +8,7 @@ active again is lifted to the least counter among the active ones, so idle time 
 
 from __future__ import annotations
 
-from tandem.engine.host.scheduling import RequestView, Scheduler, StepContext, StepReport
+from tandem.schedulers.api import RequestView, Scheduler, StepContext, StepReport
 from tandem.schedulers.building_blocks import continue_running
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.engine.host.scheduling import Scheduler, StepContext
+from tandem.schedulers.api import Scheduler, StepContext
 from tandem.schedulers.building_blocks import admit_waiting, continue_running
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.engine.host.scheduling import RequestView, Scheduler, StepContext
+from tandem.schedulers.api import RequestView, Scheduler, StepContext
 
 
 class Priority(Scheduler):

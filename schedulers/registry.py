@@ -8,7 +8,7 @@ from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
 
 from tandem.engine.errors import TandemError
-from tandem.engine.host.scheduling import API_VERSION, SUPPORTED_API_VERSIONS, Scheduler
+from tandem.schedulers.api import API_VERSION, SUPPORTED_API_VERSIONS, Scheduler
 
 ENTRY_POINT_GROUP = "tandem.schedulers"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}

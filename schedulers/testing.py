@@ -26,8 +26,8 @@ import numpy as np
 from tandem.engine.build import EngineInfo, build_core
 from tandem.engine.config import EngineConfig
 from tandem.engine.host.core import EngineCore
-from tandem.engine.host.scheduling import Scheduler
 from tandem.engine.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams, StoppingCriteria
+from tandem.schedulers.api import Scheduler
 
 TIGHT = dict(block_size=4, kv_blocks=12, max_batch_tokens=24, max_num_seqs=6)
 ROOMY = dict(block_size=4, kv_blocks=64, max_batch_tokens=64, max_num_seqs=8)
@@ -95,6 +95,7 @@ class HookLedger:
     def of(core: EngineCore) -> HookLedger:
         ledger = getattr(core, "_hook_ledger", None)
         if ledger is None:
+            assert isinstance(core.scheduler, Scheduler), "the kit builds its cores with a Scheduler"
             ledger = HookLedger(core.scheduler)
             core._hook_ledger = ledger  # type: ignore[attr-defined]
         return ledger
@@ -177,7 +178,7 @@ def _reset(core: EngineCore) -> None:
     """End whatever a failed workload left behind and empty the prefix cache, so every
     example starts from the same state (hypothesis replays failures to shrink them)."""
     for seq in list(core.waiting) + list(core.running):
-        core.abort(seq.parent_id)
+        core.abort(seq.family.parent_id)
     core.clear_prefix_cache()
 
 

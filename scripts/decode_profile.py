@@ -54,11 +54,11 @@ def main() -> None:
             prompt, SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=400, ignore_eos=True)
         )
         core.add(core.make_sequence(request))
-    while core.waiting or any(s.num_computed < len(s.prompt_ids) for s in core.running):
+    while core.waiting or any(s.kv.num_computed < len(s.prompt_ids) for s in core.running):
         core.step()
     for _ in range(args.warm_decode_steps):
         core.step()
-    contexts = [s.num_computed for s in core.running]
+    contexts = [s.kv.num_computed for s in core.running]
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):

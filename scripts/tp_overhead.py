@@ -38,7 +38,7 @@ def measure(model: str, tp: int, rows: int, steps: int) -> dict:
         for prompt in work.prompts:
             stop = StoppingCriteria(max_new_tokens=steps + 60, ignore_eos=True)
             core.add(core.make_sequence(GenerationRequest(prompt, SamplingParams(temperature=0), stop)))
-        while core.waiting or any(s.num_computed < len(s.prompt_ids) for s in core.running):
+        while core.waiting or any(s.kv.num_computed < len(s.prompt_ids) for s in core.running):
             core.step()
         for _ in range(10):
             core.step()

@@ -139,8 +139,7 @@ def test_api_version_1_plugins_still_load_and_unknown_versions_do_not() -> None:
 
 
 def test_a_victim_outside_the_candidates_is_refused() -> None:
-    from tandem.engine.host.scheduling import SchedulerError
-    from tandem.schedulers import continue_running
+    from tandem.schedulers import SchedulerError, continue_running
     from tandem.schedulers.fcfs import Fcfs
 
     class Rogue(Fcfs):

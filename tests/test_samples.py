@@ -40,8 +40,8 @@ def test_the_prompt_is_computed_once_and_its_blocks_shared(scheduler: str) -> No
         if core.overlap:
             first += core.step()
         full, partial = divmod(len(PROMPT), 4)
-        shared = core.running[0].block_table[:full]
-        assert all(s.block_table[:full] == shared for s in core.running) and len(core.running) == n
+        shared = core.running[0].kv.block_table[:full]
+        assert all(s.kv.block_table[:full] == shared for s in core.running) and len(core.running) == n
         assert (core.blocks.ref_counts[shared] == n).all()
         # The shared prompt plus each sample's own partial block (and a new block when decoding fills one).
         assert core.blocks.num_used == full + n * (1 if partial else 0)

@@ -20,7 +20,9 @@ from tandem.schedulers import (
     SchedulerError,
     SchedulerLoadError,
     StepContext,
+    admit_waiting,
     available_schedulers,
+    continue_running,
     load_scheduler,
     parse_options,
     registry,
@@ -242,3 +244,65 @@ def test_the_engine_reports_the_options_its_scheduler_was_loaded_with() -> None:
         assert engine.scheduler_options == {"max_decode_stall": "3"}
     finally:
         engine.shutdown()
+
+
+# -- one view per request ------------------------------------------------------------------
+class IdentityWatch(Scheduler):
+    """fcfs that records every view it meets under the request's id, and any second object."""
+
+    name = "identity-watch"
+    api_version = 2
+
+    def __init__(self) -> None:  # NOTE: no super().__init__(), as plugins written today do
+        self.views: dict[str, object] = {}
+        self.strangers: list[tuple[str, str]] = []
+
+    def _meet(self, where: str, request) -> None:
+        if self.views.setdefault(request.request_id, request) is not request:
+            self.strangers.append((where, request.request_id))
+
+    def schedule(self, ctx: StepContext) -> None:
+        for req in ctx.running + ctx.waiting:
+            self._meet("schedule", req)
+        continue_running(ctx)
+        admit_waiting(ctx)
+
+    def on_request_added(self, request) -> None:
+        self._meet("added", request)
+
+    def on_request_finished(self, request, reason: str) -> None:
+        self._meet("finished", request)
+
+    def on_step_done(self, report) -> None:
+        for req, _ in report.rows:
+            self._meet("step_done", req)
+
+
+class IdentityWatchOverlap(IdentityWatch):
+    name = "identity-watch-overlap"
+    overlap = True
+
+
+@pytest.mark.parametrize("cls", [IdentityWatch, IdentityWatchOverlap])
+def test_a_request_keeps_one_view_from_arrival_to_its_last_report(cls) -> None:
+    from tandem.engine.engine import build_core
+
+    scheduler = cls()
+    config = EngineConfig(model="tiny-llama", block_size=4, kv_blocks=12, max_batch_tokens=24, max_num_seqs=6)
+    core = build_core(config, scheduler)[0]
+    try:
+        for i in range(8):  # a pool too small for all of them: preemptions; samples fork; one is aborted
+            stopping = StoppingCriteria(6 + i % 3, ignore_eos=True)
+            prompt = list(range(5, 11 + i))
+            core.add(core.make_sequence(GenerationRequest(prompt, request_id=f"r{i}", stopping=stopping, n=1 + i % 2)))
+        steps = 0
+        while core.has_work():
+            core.step()
+            steps += 1
+            if steps == 5:
+                core.abort("r7")
+        assert core.num_preemptions > 0
+    finally:
+        core.close()
+    assert scheduler.strangers == []
+    assert len(scheduler.views) == 11  # 8 requests, 4 with a second sample; r7's never forked (aborted)

@@ -1,9 +1,9 @@
 """The engine core: one step at a time, from the scheduler's decision to the requests' outputs.
 
 Single-threaded by design: `Engine` runs it on its own thread and feeds it commands. The
-scheduling decision is delegated to a `Scheduler` through a `StepContext`; the requests' state
-lives in `RequestQueues` and their blocks in `KVAccounting`; launching, collecting, stop checks
-and outputs stay here.
+scheduling decision is delegated to a scheduler through its port (`SchedulerPort`, which
+returns a `StepPlan`); the requests' state lives in `RequestQueues` and their blocks in
+`KVAccounting`; launching, collecting, stop checks and outputs stay here.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from tandem.engine.host.grammar import Grammars, GrammarState, allocate_masks, f
 from tandem.engine.host.kv_accounting import KVAccounting
 from tandem.engine.host.kv_events import KvEventLog
 from tandem.engine.host.queues import RequestQueues
-from tandem.engine.host.scheduling import Scheduler, StepContext, StepReport, view_of
-from tandem.engine.host.sequence import SeqStatus, Sequence, sample_key
+from tandem.engine.host.scheduling import SchedulerPort
+from tandem.engine.host.sequence import SampleFamily, SeqStatus, Sequence, sample_key
 from tandem.engine.request import (
     FinishReason,
     GenerationRequest,
@@ -79,7 +79,7 @@ class EngineCore:
         tokenizer: Tokenizer,
         limits: ModelLimits,
         eos_token_ids: tuple[int, ...],
-        scheduler: Scheduler,
+        scheduler: SchedulerPort,
         config: EngineConfig | None = None,
     ) -> None:
         self.executor = executor
@@ -119,28 +119,28 @@ class EngineCore:
         validate_n(request, self.limits)
         request_id = request.request_id or uuid.uuid4().hex
         prompt_ids = np.asarray(ids, dtype=np.int64)
-        arrival = clock.now()
-        samples = [self._sample(request, request_id, i, prompt_ids, arrival) for i in range(request.n)]
-        samples[0].followers = samples[1:]
+        arrival_time = clock.now()
+        samples = [self._sample(request, request_id, i, prompt_ids, arrival_time) for i in range(request.n)]
+        samples[0].family.followers = samples[1:]
         return samples[0]
 
     def _sample(
-        self, request: GenerationRequest, request_id: str, index: int, prompt_ids: np.ndarray, arrival: float
+        self, request: GenerationRequest, request_id: str, index: int, prompt_ids: np.ndarray, arrival_time: float
     ) -> Sequence:
         """Sample `index` of a request; sample i draws with seed + i (each independent)."""
         if index and request.sampling.seed is not None:
             request = replace(request, sampling=replace(request.sampling, seed=request.sampling.seed + index))
         stopping = request.stopping
         detok = IncrementalDetokenizer(self.tokenizer, stopping.stop_strings, stopping.include_stop_string)
-        seq = Sequence(sample_key(request_id, index), request, prompt_ids, 0, detok, arrival)
-        seq.parent_id, seq.index = request_id, index
+        family = SampleFamily(request_id, index)
+        seq = Sequence(sample_key(request_id, index), request, prompt_ids, detok, arrival_time, family)
         if request.constraint is not None:
-            seq.grammar = self.grammars.state(request.constraint)
+            seq.output.grammar = self.grammars.state(request.constraint)
         return seq
 
     def add(self, seq: Sequence) -> None:
         self.queues.add(seq)
-        self.scheduler.on_request_added(view_of(seq, self.kv))
+        self.scheduler.engine_request_added(self.kv, seq)
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Finish every sample of a request still running as aborted (none: unknown or finished)."""
@@ -149,10 +149,10 @@ class EngineCore:
             seq = self.queues.lookup(sample_key(request_id, index))
             if seq is None:
                 continue
-            for follower in seq.followers:  # not yet forked: no blocks, no queue
+            for follower in seq.family.followers:  # not yet forked: no blocks, no queue
                 follower.status = SeqStatus.FINISHED
                 outputs.append(self._finished_output(follower, FinishReason.ABORTED, []))
-            seq.followers = []
+            seq.family.followers = []
             outputs.append(self._finish(seq, FinishReason.ABORTED, []))
         return outputs
 
@@ -259,21 +259,15 @@ class EngineCore:
 
     def _launch(self) -> _Launched | None:
         started = time.perf_counter()
-        ctx = StepContext(
-            self.queues,
-            self.kv,
-            self.config.max_batch_tokens,
-            self.config.max_num_seqs,
-            self.num_steps,
-            self.scheduler.name or type(self.scheduler).__name__,
-            self.scheduler,
+        config = self.config
+        plan = self.scheduler.engine_plan(
+            self.queues, self.kv, config.max_batch_tokens, config.max_num_seqs, self.num_steps
         )
-        self.scheduler.schedule(ctx)
-        for view, kind, reason in ctx.rejected:
-            for out in self.abort(view._seq.parent_id):
-                out.rejected = (ctx._plugin, kind, reason)
+        for seq, kind, reason in plan.rejected:
+            for out in self.abort(seq.family.parent_id):
+                out.rejected = (plan.label, kind, reason)
                 self._rejected.append(out)
-        chosen = [(view._seq, n) for view, n in ctx.scheduled]
+        chosen = plan.scheduled
         self.last_step = [(seq.request_id, n) for seq, n in chosen]
         if not chosen:
             return None
@@ -288,7 +282,7 @@ class EngineCore:
         prev = self._inflight.handle if self._inflight is not None else None
         handle = self.executor.launch(StepBatch(rows, grammar[0] if grammar else None, copies), prev)
         for seq, n in chosen:
-            seq.num_computed += n
+            seq.kv.num_computed += n
         sampled: list[tuple[Sequence, int]] = []
         for seq in (seq for group in samplers for seq in group):
             seq.append(placeholder(len(sampled)))
@@ -306,33 +300,33 @@ class EngineCore:
         its full prompt blocks (reference counts) and get a copy of the partial last one (copied
         on the device after the forward writes it); their first tokens are drawn from the same
         logits. Without a free block each, they go their own way instead (prefix-cache hits)."""
-        if not seq.followers:
+        if not seq.family.followers:
             return []
-        followers, seq.followers = seq.followers, []
+        followers, seq.family.followers = seq.family.followers, []
         full, partial = divmod(seq.num_prompt, self.kv.block_size)
         if partial and len(followers) > self.kv.blocks.num_free:
             for follower in followers:
                 self.add(follower)
             return []
-        shared = seq.block_table[:full]
+        shared = seq.kv.block_table[:full]
         for follower in followers:
             self.kv.blocks.acquire(shared)
-            follower.block_table = list(shared)
+            follower.kv.block_table = list(shared)
             if partial:
                 [block] = self.kv.blocks.allocate(1)
-                follower.block_table.append(block)
-                copies.append((seq.block_table[full], block))
-            follower.num_computed = seq.num_prompt
-            follower.num_cached_tokens = seq.num_cached_tokens
-            self.queues.add_running(follower, seq.queue_seconds)
-            self.scheduler.on_request_added(view_of(follower, self.kv))
+                follower.kv.block_table.append(block)
+                copies.append((seq.kv.block_table[full], block))
+            follower.kv.num_computed = seq.num_prompt
+            follower.kv.num_cached_tokens = seq.kv.num_cached_tokens
+            self.queues.add_running(follower, seq.queue.queue_seconds)
+            self.scheduler.engine_request_added(self.kv, follower)
             row.forks.append(self._sample_spec(follower))
         return followers
 
     def _grammar_masks(self, sampled: list[Sequence]) -> tuple[GrammarMasks, list[GrammarState]] | None:
         """Masks for the constrained rows among `sampled`. Filled now when every token they
         depend on is known; under overlap with a step in flight, once it completes."""
-        states = [(i, seq.grammar) for i, seq in enumerate(sampled) if seq.grammar is not None]
+        states = [(i, seq.output.grammar) for i, seq in enumerate(sampled) if seq.output.grammar is not None]
         if not states:
             return None
         bits = allocate_masks(len(states), self.limits.vocab_size, pin=self.executor.device.type == "cuda")
@@ -360,7 +354,7 @@ class EngineCore:
         refused = {
             seq.request_id
             for seq, _, choice in live
-            if seq.grammar is not None and not seq.grammar.consume(choice.token_id)
+            if seq.output.grammar is not None and not seq.output.grammar.consume(choice.token_id)
         }
         inflight = self._inflight  # overlap: the next step is running; its masks needed these tokens
         if inflight is not None and inflight.grammar is not None:
@@ -375,13 +369,13 @@ class EngineCore:
             if seq.status is not SeqStatus.FINISHED:  # a stop earlier in this loop can't end it, but be exact
                 outputs.append(self._on_token(seq, choice, index - seq.num_prompt + 1, seq.request_id in refused))
         self.stats.output_seconds += time.perf_counter() - started
-        rows = [(view_of(seq, self.kv), n) for seq, n in launched.rows]
-        self.scheduler.on_step_done(StepReport(launched.step_index, rows, time.perf_counter() - launched.launched_at))
+        seconds = time.perf_counter() - launched.launched_at
+        self.scheduler.engine_step_done(self.kv, launched.step_index, launched.rows, seconds)
         return outputs
 
     def _row(self, seq: Sequence, n: int) -> StepRow:
-        start = seq.num_computed
-        row = StepRow(seq.tokens[start : start + n], start, seq.block_table)
+        start = seq.kv.num_computed
+        row = StepRow(seq.tokens[start : start + n], start, seq.kv.block_table)
         if start + n == seq.num_tokens:
             row.sample = self._sample_spec(seq)
         return row
@@ -408,34 +402,34 @@ class EngineCore:
     def _on_token(self, seq: Sequence, choice: TokenChoice, count: int, refused: bool = False) -> RequestOutput:
         """Stop checks, detokenization and the output for `seq`'s `count`-th token. `refused`:
         its grammar refused the token (only where a mask left no token at all)."""
-        token = choice.token_id
-        seq.last_token_time = clock.now()
-        if seq.logprobs is not None:
+        token, output = choice.token_id, seq.output
+        output.last_token_time = clock.now()
+        if output.logprobs is not None:
             # The batch computes the largest top-N any row asked for; each gets its own N.
             assert choice.logprob is not None, "a step computes logprobs when any row asks for them"
-            seq.logprobs.append(TokenLogprob(token, choice.logprob, choice.top[: seq.request.output.top_logprobs]))
+            output.logprobs.append(TokenLogprob(token, choice.logprob, choice.top[: seq.request.output.top_logprobs]))
         stopping = seq.request.stopping
         reason = None
-        grammar_ended = seq.grammar is not None and seq.grammar.ended
+        grammar_ended = output.grammar is not None and output.grammar.ended
         if refused:
-            assert seq.grammar is not None
-            log.warning("grammar_refused_token", request_id=seq.request_id, token=token, error=seq.grammar.error)
+            assert output.grammar is not None
+            log.warning("grammar_refused_token", request_id=seq.request_id, token=token, error=output.grammar.error)
             return self._finish(seq, FinishReason.ABORTED, [])
         if token in self.eos_token_ids and (not stopping.ignore_eos or grammar_ended):
             reason = FinishReason.EOS
         elif token in stopping.stop_token_ids:
             reason = FinishReason.STOP_TOKEN
         else:
-            seq.detokenizer.push(token)
+            output.detokenizer.push(token)
             if count < stopping.min_new_tokens:
-                seq.detokenizer.ignore_stops_so_far()
-            elif seq.detokenizer.find_stop():
+                output.detokenizer.ignore_stops_so_far()
+            elif output.detokenizer.find_stop():
                 reason = FinishReason.STOP_STRING
             elif count >= stopping.max_new_tokens:
                 reason = FinishReason.LENGTH
-        new_lps = seq.logprobs[-1:] if seq.logprobs is not None else None
+        new_lps = output.logprobs[-1:] if output.logprobs is not None else None
         if reason is None:
-            return self._output(seq, [token], seq.detokenizer.delta(final=False), new_lps)
+            return self._output(seq, [token], output.detokenizer.delta(final=False), new_lps)
         return self._finish(seq, reason, [token], new_lps)
 
     def _finish(
@@ -446,34 +440,35 @@ class EngineCore:
         # now is safe: only later steps can reuse them, and the device runs steps in order.
         self.kv.release(seq)
         out = self._finished_output(seq, reason, tokens, lps)
-        self.scheduler.on_request_finished(view_of(seq, self.kv), reason.value)
+        self.scheduler.engine_request_finished(self.kv, seq, reason.value)
         return out
 
     def _finished_output(
         self, seq: Sequence, reason: FinishReason, tokens: list[int], lps: list[TokenLogprob] | None = None
     ) -> RequestOutput:
-        seq.finish_reason = reason
+        detokenizer = seq.output.detokenizer
+        seq.output.finish_reason = reason
         if reason is not FinishReason.STOP_STRING:
-            seq.detokenizer.flush()
-        out = self._output(seq, tokens, seq.detokenizer.delta(final=True), lps)
+            detokenizer.flush()
+        out = self._output(seq, tokens, detokenizer.delta(final=True), lps)
         out.finished = True
         out.finish_reason = reason
         if reason is FinishReason.STOP_STRING:
-            out.stop = seq.detokenizer.stopped_by
+            out.stop = detokenizer.stopped_by
         elif reason in (FinishReason.EOS, FinishReason.STOP_TOKEN):
             out.stop = tokens[-1]
         return out
 
     def _output(self, seq: Sequence, tokens: list[int], text: str, lps) -> RequestOutput:
         return RequestOutput(
-            request_id=seq.parent_id,
-            index=seq.index,
+            request_id=seq.family.parent_id,
+            index=seq.family.index,
             token_ids=tokens,
             text=text,
             logprobs=lps,
             num_prompt_tokens=seq.num_prompt,
-            num_cached_tokens=seq.num_cached_tokens or 0,
-            queue_seconds=seq.queue_seconds,
+            num_cached_tokens=seq.kv.num_cached_tokens or 0,
+            queue_seconds=seq.queue.queue_seconds,
         )
 
     def check_invariants(self) -> None:

@@ -20,7 +20,7 @@ class KVAccounting:
     # -- prefix cache ------------------------------------------------------------------------
     def chain_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
         """The first `num_blocks` prefix-cache hashes of `seq` (tokens only ever grow)."""
-        bs, hashes, tokens = self.block_size, seq.chain_hashes, seq.tokens
+        bs, hashes, tokens = self.block_size, seq.kv.chain_hashes, seq.tokens
         for i in range(len(hashes), num_blocks):
             hashes.append(chain_hash(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
         return hashes[:num_blocks]
@@ -42,14 +42,15 @@ class KVAccounting:
         """Make newly completed blocks findable by later requests with the same prefix."""
         if not self.blocks.enable_prefix_caching:
             return
-        bs, full = self.block_size, seq.num_computed // self.block_size
-        if full <= seq.num_registered:
+        kv = seq.kv
+        bs, full = self.block_size, kv.num_computed // self.block_size
+        if full <= kv.num_registered:
             return
         hashes, tokens = self.chain_hashes(seq, full), seq.tokens
-        for i in range(seq.num_registered, full):
+        for i in range(kv.num_registered, full):
             parent = hashes[i - 1] if i else None
-            self.blocks.register(seq.block_table[i], hashes[i], tokens[i * bs : (i + 1) * bs], parent)
-        seq.num_registered = full
+            self.blocks.register(kv.block_table[i], hashes[i], tokens[i * bs : (i + 1) * bs], parent)
+        kv.num_registered = full
 
     # -- reserving and releasing -------------------------------------------------------------
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
@@ -57,7 +58,7 @@ class KVAccounting:
         one: after taking its prefix-cache hits)."""
         bs = self.block_size
         if seq.status is SeqStatus.RUNNING:
-            return max(0, blocks_for(seq.num_computed + num_tokens, bs) - len(seq.block_table))
+            return max(0, blocks_for(seq.kv.num_computed + num_tokens, bs) - len(seq.kv.block_table))
         hits, unowned = self.prefix_hit_blocks(seq)
         computed = hits * bs
         num_tokens = min(num_tokens, seq.num_tokens - computed)
@@ -68,31 +69,34 @@ class KVAccounting:
         the hit is what the request reports as cached and what the hit rate counts."""
         hits = self.prefix_hits(seq)
         self.blocks.acquire(hits)
-        seq.block_table = list(hits)
-        seq.num_registered = len(hits)
-        seq.num_computed = len(hits) * self.block_size
-        if seq.num_cached_tokens is None:
-            seq.num_cached_tokens = seq.num_computed
-            self.blocks.record_lookup(seq.num_tokens, seq.num_computed)
+        kv = seq.kv
+        kv.block_table = list(hits)
+        kv.num_registered = len(hits)
+        kv.num_computed = len(hits) * self.block_size
+        if kv.num_cached_tokens is None:
+            kv.num_cached_tokens = kv.num_computed
+            self.blocks.record_lookup(seq.num_tokens, kv.num_computed)
 
     def reserve(self, seq: Sequence, num_tokens: int) -> int:
         """Allocate the blocks for `seq`'s next `num_tokens` (the caller checked they fit).
         Returns the token count, clamped to what is left to compute."""
         num_tokens = min(num_tokens, seq.num_uncomputed)
-        needed = blocks_for(seq.num_computed + num_tokens, self.block_size) - len(seq.block_table)
+        kv = seq.kv
+        needed = blocks_for(kv.num_computed + num_tokens, self.block_size) - len(kv.block_table)
         if needed > 0:
-            seq.block_table.extend(self.blocks.allocate(needed))
+            kv.block_table.extend(self.blocks.allocate(needed))
         return num_tokens
 
     def release(self, seq: Sequence) -> None:
         """Return all of `seq`'s blocks; its K/V must be recomputed if it runs again."""
-        self.blocks.release(seq.block_table)
-        seq.block_table = []
-        seq.num_registered = 0
-        seq.num_computed = 0
+        kv = seq.kv
+        self.blocks.release(kv.block_table)
+        kv.block_table = []
+        kv.num_registered = 0
+        kv.num_computed = 0
 
     def check(self, holders: list[Sequence], waiting: list[Sequence] | None = None) -> None:
         """Block accounting holds: refcounts match the holders' tables, waiting ones hold none."""
-        self.blocks.check_invariants([s.block_table for s in holders])
+        self.blocks.check_invariants([s.kv.block_table for s in holders])
         for seq in waiting or []:
-            assert not seq.block_table, f"waiting {seq.request_id} holds blocks"
+            assert not seq.kv.block_table, f"waiting {seq.request_id} holds blocks"

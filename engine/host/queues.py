@@ -34,7 +34,7 @@ class RequestQueues:
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self._by_id:
             raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
-        seq.arrival = next(self._arrivals)
+        seq.queue.arrival_index = next(self._arrivals)
         self._by_id[seq.request_id] = seq
         self.waiting.append(seq)
 
@@ -42,17 +42,17 @@ class RequestQueues:
         """A sample forked off a running one: it starts running, its prompt already computed."""
         if seq.request_id in self._by_id:
             raise InvalidRequestError("request_id", f"{seq.request_id!r} is already in flight")
-        seq.arrival = next(self._arrivals)
+        seq.queue.arrival_index = next(self._arrivals)
         self._by_id[seq.request_id] = seq
-        seq.queue_seconds = queue_seconds
+        seq.queue.queue_seconds = queue_seconds
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
     def admit(self, seq: Sequence) -> None:
         """Waiting -> running; the first admission ends its queueing time."""
         self.waiting.remove(seq)
-        if seq.queue_seconds is None:
-            seq.queue_seconds = clock.now() - seq.arrival_time
+        if seq.queue.queue_seconds is None:
+            seq.queue.queue_seconds = clock.now() - seq.queue.arrival_time
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
@@ -60,11 +60,11 @@ class RequestQueues:
         """Running -> waiting at its arrival place (a preemption); it keeps its generated tokens."""
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
-        seq.waiting_since = clock.now()
-        seq.num_preemptions += 1
+        seq.queue.waiting_since = clock.now()
+        seq.queue.num_preemptions += 1
         self.num_preemptions += 1
-        keys = [s.arrival for s in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, seq.arrival), seq)
+        keys = [s.queue.arrival_index for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, seq.queue.arrival_index), seq)
 
     def drain(self, seq: Sequence) -> None:
         """Running -> draining: its last token is in flight, nothing more to schedule."""
