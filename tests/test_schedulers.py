@@ -285,7 +285,7 @@ class IdentityWatchOverlap(IdentityWatch):
 
 @pytest.mark.parametrize("cls", [IdentityWatch, IdentityWatchOverlap])
 def test_a_request_keeps_one_view_from_arrival_to_its_last_report(cls) -> None:
-    from tandem.engine.engine import build_core
+    from tandem.engine.build import build_core
 
     scheduler = cls()
     config = EngineConfig(model="tiny-llama", block_size=4, kv_blocks=12, max_batch_tokens=24, max_num_seqs=6)
