@@ -65,7 +65,7 @@ VLLM_GENERATE = Rpc("vllm.Generate", logs_output=False)
 class RequestRun:
     """One request's life: what it has produced so far, in seconds of time.monotonic()."""
 
-    books: Lifecycle
+    lifecycle: Lifecycle
     rpc: Rpc
     received: float = field(default_factory=time.monotonic)
     first_at: float | None = None  # the first output's arrival
@@ -86,10 +86,10 @@ class RequestRun:
     ) -> AsyncGenerator[RequestOutput, None]:
         """The engine's outputs for `request`, with the books kept; engine errors become gRPC
         statuses. Close it when done (`contextlib.aclosing`): an early end is an abort."""
-        self.books.received(request, self.rpc.name)
+        self.lifecycle.received(request, self.rpc.name)
         left = request.n  # samples still running
         try:
-            async with aclosing(self.books.engine_outputs(request, context, names)) as outputs:
+            async with aclosing(self.lifecycle.engine_outputs(request, context, names)) as outputs:
                 async for out in outputs:
                     left -= out.finished
                     self._count(request, out)
@@ -98,7 +98,7 @@ class RequestRun:
                     yield out
         finally:
             if not self.finished and self.rpc.counts_aborts:  # cancelled, deadline, or an error status
-                self.books.aborted(request.request_id, context, self.tokens)
+                self.lifecycle.aborted(request.request_id, context, self.tokens)
 
     def _count(self, request: GenerationRequest, out: RequestOutput) -> None:
         now = time.monotonic()
@@ -108,7 +108,7 @@ class RequestRun:
         self.last_at, self.last = now, out
         self.outputs_seen += 1
         self.tokens += len(out.token_ids)
-        if self.books.log_prompts and self.rpc.logs_output and out.index == 0:
+        if self.lifecycle.log_prompts and self.rpc.logs_output and out.index == 0:
             self._text.append(out.text)
 
     def _time_tokens(self, request: GenerationRequest, now: float) -> None:
@@ -122,9 +122,9 @@ class RequestRun:
     def _finish(self, request: GenerationRequest, context: Context) -> None:
         assert self.last is not None and self.first_at is not None
         self.finished = True
-        self.books.finished(request, self.last, self.tokens, self.received, "".join(self._text))
+        self.lifecycle.finished(request, self.last, self.tokens, self.received, "".join(self._text))
         end = time.monotonic()
-        self.books.trace(context, request, self.received, self.first_at, end, self.last, self.tokens)
+        self.lifecycle.trace(context, request, self.received, self.first_at, end, self.last, self.tokens)
 
 
 class Lifecycle:
