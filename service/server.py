@@ -21,6 +21,7 @@ from tandem.engine import Engine, StoppingCriteria
 from tandem.service.auth import BearerAuthInterceptor
 from tandem.service.engine_slot import EngineSlot
 from tandem.service.info import InfoServicer
+from tandem.service.lifecycle import Lifecycle
 from tandem.service.servicer import GenerationServicer
 from tandem.service.vllm_worker import SERVICE as VLLM_SERVICE
 from tandem.service.vllm_worker import VllmWorkerServicer
@@ -135,7 +136,7 @@ def build_server(slot: EngineSlot, opts: ServerOptions) -> Server:
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     built = Server(server, BoundedHealthServicer(opts.max_health_watches_per_peer), port, credentials is not None)
     not_serving = functools.partial(built.set_health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    generation = GenerationServicer(
+    lifecycle = Lifecycle(
         slot,
         opts.max_waiting,
         on_engine_failure=not_serving,
@@ -143,8 +144,8 @@ def build_server(slot: EngineSlot, opts: ServerOptions) -> Server:
         scoped_aborts=bool(opts.auth_tokens),
         token_names=[(n, t) for n, t in opts.token_names or [] if n],
     )
-    pb_grpc.add_GenerationServiceServicer_to_server(generation, server)
-    vllm_grpc.add_VllmEngineServicer_to_server(VllmWorkerServicer(generation, lambda: built.serving), server)
+    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(lifecycle), server)
+    vllm_grpc.add_VllmEngineServicer_to_server(VllmWorkerServicer(lifecycle, lambda: built.serving), server)
     info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(slot, opts.max_waiting), server)
     health_pb2_grpc.add_HealthServicer_to_server(built.health, server)
     names = (GENERATION_SERVICE, INFO_SERVICE, VLLM_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -14,6 +14,7 @@ import io
 import time
 import zipfile
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +39,7 @@ from tandem.engine import (
 from tandem.engine.host.kv_events import BlockRemoved, BlockStored
 from tandem.engine.request import DEFAULT_MAX_NEW_TOKENS, ModelLimits, TokenLogprob
 from tandem.service.errors import invalid_argument
-from tandem.service.servicer import GenerationServicer, bad_request_id
+from tandem.service.lifecycle import VLLM_GENERATE, Lifecycle, bad_request_id
 
 SERVICE = pb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 TOKENIZER_CHUNK_BYTES = 512 * 1024
@@ -211,6 +212,19 @@ def complete(out: RequestOutput, tokens: list[int], lps: list[TokenLogprob] | No
     return pb.GenerateResponse(complete=msg)
 
 
+def _chunk(out: RequestOutput, top: bool) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        chunk=pb.GenerateStreamChunk(
+            token_ids=out.token_ids,
+            prompt_tokens=out.num_prompt_tokens,
+            completion_tokens=len(out.token_ids),
+            cached_tokens=out.num_cached_tokens,
+            output_logprobs=output_logprobs(out.logprobs, top),
+            index=out.index,
+        )
+    )
+
+
 def tokenizer_bundle(model_dir: Path) -> tuple[bytes, str]:
     """The tokenizer's files as a zip, and its SHA-256 (what GetTokenizer streams)."""
     buf = io.BytesIO()
@@ -257,56 +271,37 @@ def snapshot_events(blocks: list[BlockStored]) -> list[common_pb2.KvCacheEvent]:
 
 
 class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
-    def __init__(self, generation: GenerationServicer, serving: Callable[[], bool]) -> None:
-        self.generation = generation  # its engine slot, admission bound, metrics and logs
+    def __init__(self, lifecycle: Lifecycle, serving: Callable[[], bool]) -> None:
+        self.lifecycle = lifecycle  # its engine slot, admission bound, abort scope, metrics and logs
+        self.slot = lifecycle.slot
         self.serving = serving  # tandem's health: false while loading, draining or failed
         self.started = time.time()
 
     async def Generate(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator:
-        engine = await self.generation.slot.get(context)
+        engine = await self.slot.get(context)
         try:
-            request = to_request(msg, engine.core.limits)
+            request = to_request(msg, engine.info.limits)
         except InvalidRequestError as exc:
             await context.abort_with_status(invalid_argument(exc.field, exc.message))
         if not request.request_id:
             request.request_id = f"vllm-{time.monotonic_ns()}"
         if problem := bad_request_id(request.request_id):
             await context.abort_with_status(invalid_argument("request_id", problem))
-        self.generation.identify(request, context)
-        received = time.monotonic()
-        self.generation.received(request, "vllm.Generate")
+        self.lifecycle.identify(request, context)
+        run = self.lifecycle.run(VLLM_GENERATE)
         top = request.output.logprobs and request.output.top_logprobs > 0
         tokens: dict[int, list[int]] = {}  # by sample index
         lps: dict[int, list[TokenLogprob]] = {}
-        left, first_at = request.n, None
-        try:
-            async for out in self.generation.outputs(request, context, lambda f: protocol_field(f, request)):
-                first_at = first_at or time.monotonic()
+        async with aclosing(run.outputs(request, context, lambda f: protocol_field(f, request))) as outputs:
+            async for out in outputs:
                 tokens.setdefault(out.index, []).extend(out.token_ids)
                 lps.setdefault(out.index, []).extend(out.logprobs or [])
                 if msg.stream:
-                    yield pb.GenerateResponse(
-                        chunk=pb.GenerateStreamChunk(
-                            token_ids=out.token_ids,
-                            prompt_tokens=out.num_prompt_tokens,
-                            completion_tokens=len(out.token_ids),
-                            cached_tokens=out.num_cached_tokens,
-                            output_logprobs=output_logprobs(out.logprobs, top),
-                            index=out.index,
-                        )
-                    )
+                    yield _chunk(out, top)
                 if out.finished:
-                    left -= 1
                     # Streaming, the router accumulates the chunks: the completion repeats only the last delta.
                     last = (out.token_ids, out.logprobs) if msg.stream else (tokens[out.index], lps[out.index])
                     yield complete(out, *last, top)
-            total = sum(len(t) for t in tokens.values())
-            now = time.monotonic()
-            self.generation.finished(request, out, total, received, "")
-            self.generation.trace(context, request, received, first_at or now, now, out, total)
-        finally:
-            if left:  # the router aborted or the client left; the engine has dropped it
-                self.generation.aborted(request.request_id, context, sum(len(t) for t in tokens.values()))
 
     async def Embed(self, msg: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "tandem serves generation models; Embed is not supported")
@@ -315,7 +310,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
     async def HealthCheck(
         self, msg: pb.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthCheckResponse:
-        engine = self.generation.slot.engine
+        engine = self.slot.engine
         if engine is not None and engine.dead is not None:
             return pb.HealthCheckResponse(healthy=False, message=f"the engine has failed: {engine.dead}")
         if not self.serving():
@@ -323,33 +318,33 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         return pb.HealthCheckResponse(healthy=True, message="serving")
 
     async def Abort(self, msg: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        await self.generation.abort_owned(msg.request_ids, context)  # scoped like tandem.v1's
+        await self.lifecycle.abort(msg.request_ids, context)  # scoped like tandem.v1's
         return pb.AbortResponse()
 
     async def GetModelInfo(
         self, msg: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        m = (await self.generation.slot.get(context)).model
-        tok = m.tokenizer
+        engine = await self.slot.get(context)
+        info, tok = engine.info, engine.tokenizer
         return pb.GetModelInfoResponse(
-            model_path=str(m.path),
+            model_path=str(info.model_path),
             is_generation=True,
-            max_context_length=m.max_model_len,
-            vocab_size=m.vocab_size,
-            served_model_name=m.name,
-            tokenizer_path=str(m.path),
-            model_type=getattr(m.config, "model_type", "") or "",
-            architectures=list(m.config.architectures or []),
-            eos_token_ids=list(m.eos_token_ids),
+            max_context_length=info.max_model_len,
+            vocab_size=info.vocab_size,
+            served_model_name=info.model_name,
+            tokenizer_path=str(info.model_path),
+            model_type=info.model_type,
+            architectures=list(info.architectures),
+            eos_token_ids=list(info.eos_token_ids),
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
             bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else 0,
-            max_req_input_len=m.max_model_len,
+            max_req_input_len=info.max_model_len,
         )
 
     async def GetServerInfo(
         self, msg: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
-        engine = await self.generation.slot.get(context)
+        engine = await self.slot.get(context)
         load = engine.load()
         return pb.GetServerInfoResponse(
             active_requests=load.running + load.waiting,
@@ -357,15 +352,15 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
             uptime_seconds=time.time() - self.started,
             server_type="vllm-grpc",  # the protocol it speaks; the engine is tandem
             data_parallel_size=1,
-            block_size=engine.config.block_size,
-            model_dtype=str(engine.model.dtype),
-            max_num_seqs=engine.config.max_num_seqs,
+            block_size=engine.info.block_size,
+            model_dtype=f"torch.{engine.info.dtype}",
+            max_num_seqs=engine.info.max_num_seqs,
         )
 
     async def GetLoads(self, msg: pb.GetLoadsRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadsResponse:
-        engine = await self.generation.slot.get(context)
+        engine = await self.slot.get(context)
         load = engine.load()
-        block = engine.config.block_size
+        block = engine.info.block_size
         used, total = load.kv_blocks_used * block, load.kv_blocks_total * block
         return pb.GetLoadsResponse(
             timestamp=datetime.now(timezone.utc).isoformat(),
@@ -381,7 +376,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
                     max_total_num_tokens=total,
                     token_usage=used / total if total else 0.0,
                     gen_throughput=load.output_tokens_per_second,
-                    max_running_requests=engine.config.max_num_seqs,
+                    max_running_requests=engine.info.max_num_seqs,
                 )
             ],
         )
@@ -389,8 +384,8 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
     async def GetTokenizer(
         self, msg: common_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GetTokenizerChunk]:
-        m = (await self.generation.slot.get(context)).model
-        data, digest = await asyncio.to_thread(tokenizer_bundle, Path(m.path))  # file I/O off the loop
+        info = (await self.slot.get(context)).info
+        data, digest = await asyncio.to_thread(tokenizer_bundle, Path(info.model_path))  # file I/O off the loop
         for start in range(0, len(data), TOKENIZER_CHUNK_BYTES):
             end = min(start + TOKENIZER_CHUNK_BYTES, len(data))
             yield common_pb2.GetTokenizerChunk(data=data[start:end], sha256=digest if end == len(data) else "")
@@ -399,7 +394,7 @@ class VllmWorkerServicer(pb_grpc.VllmEngineServicer):
         self, msg: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.KvEventBatch]:
         """First what the cache holds now (after a `cleared`), then each change, polled."""
-        engine = await self.generation.slot.get(context)
+        engine = await self.slot.get(context)
         log = engine.kv_events
         if log is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "prefix caching is off (--no-prefix-caching)")
