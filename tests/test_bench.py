@@ -258,3 +258,21 @@ def test_generate_batch_search_walks_until_its_best_is_interior() -> None:
     speed, _ = surface((8192, 128))
     best, where = lattice_search(speed, HF_GRID)
     assert best == {"max_batch_tokens": 8192, "max_requests_per_batch": 128} and where == "at the search's bound"
+
+
+def test_perf_guard_runs_base_and_tree_alternately() -> None:
+    """scripts/perf_guard.py: HEAD in a temporary worktree against this checkout, one round on
+    a tiny workload; a ratio per system, and the worktree removed afterwards."""
+    root = Path(__file__).resolve().parents[1]
+    before = subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True).stdout
+    bench = ["--model", "tiny-llama", "--workload", "offline-small", "--requests", "4", "--systems", "fcfs"]
+    out = subprocess.run(
+        [sys.executable, str(root / "scripts" / "perf_guard.py"), "--rounds", "1", "--", *bench],
+        capture_output=True, text=True, timeout=600, cwd=root,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "round 1 base: tandem fcfs" in out.stdout and "round 1 tree: tandem fcfs" in out.stdout
+    [row] = [line.split() for line in out.stdout.splitlines() if line.startswith("tandem fcfs")]
+    assert float(row[-1]) > 0  # tree / base
+    after = subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True).stdout
+    assert after == before
