@@ -38,8 +38,8 @@ def run(tree: Path, bench: list[str], out: Path, serve: bool) -> dict[str, float
     cmd = [sys.executable, "-m", "tandem.service.cli", "bench", *mode, *bench, "--json", str(out)]
     subprocess.run(cmd, env=env, cwd=tree, check=True, stdout=subprocess.DEVNULL)
     report = json.loads(out.read_text())
-    if serve:  # a list of workloads, each with its servers' runs
-        servers = [s for w in report for s in w["servers"]]
+    if serve:  # the workload's servers, each with its runs
+        servers = report["servers"]
         return {s["label"]: statistics.median(r["output_throughput"] for r in s["runs"]) for s in servers}
     return {r["system"]: r["tokens_per_s"] for r in report["results"] if r.get("tokens_per_s")}
 

@@ -260,14 +260,17 @@ def test_generate_batch_search_walks_until_its_best_is_interior() -> None:
     assert best == {"max_batch_tokens": 8192, "max_requests_per_batch": 128} and where == "at the search's bound"
 
 
-def test_perf_guard_runs_base_and_tree_alternately() -> None:
+@pytest.mark.parametrize("mode", ["offline", "serve"])
+def test_perf_guard_runs_base_and_tree_alternately(mode: str) -> None:
     """scripts/perf_guard.py: HEAD in a temporary worktree against this checkout, one round on
-    a tiny workload; a ratio per system, and the worktree removed afterwards."""
+    a tiny workload, in-process or through gRPC; a ratio per system, and the worktree removed."""
     root = Path(__file__).resolve().parents[1]
     before = subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True).stdout
-    bench = ["--model", "tiny-llama", "--workload", "offline-small", "--requests", "4", "--systems", "fcfs"]
+    bench = ["--model", "tiny-llama", "--workload", "offline-small", "--requests", "4"]
+    flags = ["--serve"] if mode == "serve" else []
+    bench += [] if mode == "serve" else ["--systems", "fcfs"]
     out = subprocess.run(
-        [sys.executable, str(root / "scripts" / "perf_guard.py"), "--rounds", "1", "--", *bench],
+        [sys.executable, str(root / "scripts" / "perf_guard.py"), *flags, "--rounds", "1", "--", *bench],
         capture_output=True, text=True, timeout=600, cwd=root,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
