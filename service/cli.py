@@ -247,6 +247,7 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
     field_flag(lim, L, "max_stop_string_chars", "--max-stop-string-length", type=int, help="characters")
     field_flag(lim, L, "max_stop_token_ids", type=int, help="stop token ids per request")
     field_flag(lim, L, "max_logit_bias", type=int, help="logit_bias entries")
+    field_flag(lim, L, "max_n", type=int, help="samples per request (n)")
     field_flag(lim, L, "max_constraint_chars", type=int, help="characters of a schema, regex, grammar or choices")
     field_flag(
         lim, opts, "max_message_bytes", type=int, help="largest request message; larger ones get RESOURCE_EXHAUSTED"

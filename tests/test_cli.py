@@ -67,3 +67,19 @@ def test_chat_on_the_default_model_answers_a_question() -> None:
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout and "<|im_end|>" not in res.stdout
     assert "finish=eos" in res.stderr  # <|im_end|> ended it, and was not printed
+
+
+def test_every_request_limit_is_a_serve_flag() -> None:
+    """docs/service.md names `--max-n`; every RequestLimits field must be settable the same way."""
+    import dataclasses
+
+    from tandem.engine.request import RequestLimits
+    from tandem.service.cli import build_parser
+    from tandem.service.flags import from_flags
+
+    args = build_parser().parse_args(["serve", "--max-n", "2", "--max-logit-bias", "7"])
+    limits = from_flags(RequestLimits, args)
+    assert (limits.max_n, limits.max_logit_bias) == (2, 7)
+    assert {f.name for f in dataclasses.fields(RequestLimits)} <= {
+        a.split(".", 1)[1] for a in vars(args) if a.startswith("RequestLimits.")
+    }
