@@ -133,3 +133,63 @@ def test_fast_tokenizers_decode_through_their_backend_unless_they_clean_up(tiny_
     overriding = copy.copy(tok)
     overriding.__class__ = Overriding
     assert decoder_of(overriding) == overriding.decode
+
+
+def _byte_chars() -> dict[int, str]:
+    """Byte-level BPE's spelling of each byte (GPT-2's printable mapping)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _byte_ids(tok) -> list[int]:
+    """The ids of the single-byte tokens of a byte-level BPE vocabulary."""
+    vocab = tok.get_vocab()
+    return [vocab[c] for c in _byte_chars().values() if c in vocab]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from tandem.engine.model.loader import resolve_path
+
+    return AutoTokenizer.from_pretrained(resolve_path("smollm2-135m"), local_files_only=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_special_and_byte_tokens_concatenate_to_the_full_decode(tiny_llama, smollm2_tokenizer, data) -> None:
+    """What a client can force (logit_bias, ignore_eos): special tokens and lone bytes mixed
+    with ordinary ones, on both tokenizers; the streamed text is the full decode exactly."""
+    for tok in (tiny_llama.tokenizer, smollm2_tokenizer):
+        pool = tok.all_special_ids + _byte_ids(tok) + list(range(len(tok.get_vocab())))[:2000]
+        ids = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=60))
+        deltas, _ = _stream(tok, ids)
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("forced", ["special", "lone byte", "mixed"])
+def test_the_window_stays_short_whatever_the_output(smollm2_tokenizer, forced: str) -> None:
+    """Each token re-decodes only a few tokens, so a client forcing tokens that add no text
+    cannot make detokenization quadratic (the window once grew with every such token)."""
+    tok = smollm2_tokenizer
+    vocab = tok.get_vocab()
+    lone = vocab[_byte_chars()[0x80]]  # a continuation byte alone: never a character
+    special = tok.all_special_ids[0]
+    ids = {"special": [special], "lone byte": [lone], "mixed": [special, lone, vocab["a"]]}[forced] * 1000
+    detok = IncrementalDetokenizer(tok)
+    decode, longest = detok._decode, 0
+
+    def counting(window, **kw):
+        nonlocal longest
+        longest = max(longest, len(window))
+        return decode(window, **kw)
+
+    detok._decode = counting
+    for token in ids:
+        detok.push(token)
+        detok.delta(final=False)
+    detok.flush()
+    assert longest <= 16
+    assert detok.text == tok.decode(ids, skip_special_tokens=True)

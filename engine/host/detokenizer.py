@@ -6,12 +6,18 @@ ends in U+FFFD is an incomplete UTF-8 sequence: it is held back until more token
 or the request finishes. Stop strings are searched in the decoded text, across token
 boundaries; the last len(longest stop) - 1 characters are held back from streaming so a stop
 string is never partly emitted before it is recognised.
+
+The window stays a few tokens long whatever a client forces: special tokens (decoded with
+skip_special_tokens, they add no text) never enter it, and bytes that never form a character
+are settled once more than `MAX_PENDING` tokens wait, so no token re-decodes a long window.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, Protocol
+
+MAX_PENDING = 8  # tokens without a complete character before the window is settled
 
 
 class Tokenizer(Protocol):
@@ -49,9 +55,11 @@ class IncrementalDetokenizer:
         self._decode = decoder_of(tokenizer)
         self.stop_strings = list(stop_strings or [])
         self._holdback = max((len(s) for s in self.stop_strings), default=1) - 1
-        self.ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
+        # NOTE: a tokenizer's special ids, which decode (skip_special_tokens) drops anyway
+        self._special = frozenset(getattr(tokenizer, "all_special_ids", ()))
+        self.ids: list[int] = []  # the window's ids: every token but the special ones
+        self._prefix = 0  # the window starts here: context for the tokens after _read
+        self._read = 0  # text is taken up to here
         self.text = ""  # decoded so far (complete characters only)
         self.emitted = 0  # characters of `text` already streamed
         self._stop_floor = 0  # a stop string must end after this many characters
@@ -62,19 +70,41 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> None:
         """Add one token and extend `text` with whatever it completes."""
+        if token_id in self._special:
+            return
         self.ids.append(token_id)
         prefix_text = self._window(self._read)
         new_text = self._window()
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.text += new_text[len(prefix_text) :]
-            self._prefix, self._read = self._read, len(self.ids)
+            self._take(new_text[len(prefix_text) :], len(self.ids))
+        elif len(self.ids) - self._read > MAX_PENDING:
+            self._settle(prefix_text, new_text)
+
+    def _take(self, text: str, read: int) -> None:
+        self.text += text
+        self._prefix, self._read = self._read, read
+        del self.ids[: self._prefix]  # the window's ids only: bounded memory too
+        self._prefix, self._read = 0, self._read - self._prefix
+
+    def _settle(self, prefix_text: str, new_text: str) -> None:
+        """Many tokens and still no complete character: bytes that will never form one. Take
+        the text up to the latest token boundary whose text later tokens cannot change: an
+        incomplete character at the end has at most 3 bytes, so it starts within the last 3
+        tokens, and the text up to the cut must be what the whole window shows there (a
+        character split across the cut spans at most 4 tokens: 4 cuts are tried, no more)."""
+        for cut in range(len(self.ids) - 3, max(self._read, len(self.ids) - 7), -1):
+            part = self._window(cut)
+            if len(part) > len(prefix_text) and new_text.startswith(part):
+                self._take(part[len(prefix_text) :], cut)
+                return
 
     def flush(self) -> None:
         """At the end: take held-back bytes too, as the full decode would show them."""
         prefix_text = self._window(self._read)
         new_text = self._window()
         self.text += new_text[len(prefix_text) :]
-        self._prefix = self._read = len(self.ids)
+        self.ids.clear()
+        self._prefix = self._read = 0
 
     def ignore_stops_so_far(self) -> None:
         """Stop strings ending in the text so far do not count (min_new_tokens not reached)."""
