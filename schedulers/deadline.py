@@ -19,7 +19,8 @@ class Deadline(Scheduler):
     With `refuse_late`, a waiting request whose first token cannot come before its deadline at
     the prefill rate measured over recent steps (the tokens queued ahead of it in deadline
     order, plus its own) is refused at once with DEADLINE_EXCEEDED rather than queued to fail
-    late; `margin` scales the estimate (above 1: refuse more readily)."""
+    late; `margin` scales the estimate (above 1: refuse more readily). Never one that has
+    streamed tokens: preempted and waiting again, it met its first-token deadline already."""
 
     name = "deadline"
     api_version = 2
@@ -67,6 +68,9 @@ class Deadline(Scheduler):
         ahead = sum(r.remaining for r in ctx.running if r.generated_len == 0)  # prefills under way
         kept = []
         for req in waiting:
+            if req.generated_len:  # preempted after its first token: the target no longer applies
+                kept.append(req)
+                continue
             due = self.due(req)
             eta = ctx.now + self.margin * (ahead + req.remaining) / self.tokens_per_s
             if due != math.inf and eta > due:

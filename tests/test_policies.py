@@ -214,6 +214,30 @@ def test_deadline_refuses_what_cannot_make_it_and_serves_the_rest() -> None:
     assert any(o.request_id == "easy" and o.finished and not o.rejected for o in outs)
 
 
+def test_deadline_never_refuses_a_request_that_has_streamed_tokens() -> None:
+    """A TTFT target applies before the first token: a request preempted mid-output and
+    waiting again past its deadline is resumed, not ended with DEADLINE_EXCEEDED."""
+    import time
+
+    core = small_core(256, max_num_seqs=4, scheduler="deadline")
+    core.scheduler.refuse_late = True  # type: ignore[attr-defined]
+    try:
+        core.add(core.make_sequence(_request("streaming", prompt_len=8, new=12)))
+        outs = core.step() + core.step() + core.step()
+        assert sum(len(o.token_ids) for o in outs) >= 2  # it has streamed tokens
+        [seq] = core.running
+        core.queues.requeue(seq)  # preempted, as a short KV pool would
+        core.kv.release(seq)
+        seq.request.deadline = time.monotonic() - 1.0  # long past
+        core.scheduler.tokens_per_s = 1e-3  # type: ignore[attr-defined]  # any prefill is late
+        while core.has_work():
+            outs += core.step()
+    finally:
+        core.close()
+    assert not any(o.rejected for o in outs)
+    assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == 12
+
+
 def test_a_rejected_request_surfaces_as_an_error_from_the_engine() -> None:
     import asyncio
 
