@@ -4,12 +4,20 @@ Sheng et al., "Fairness in Serving Large Language Models" (OSDI 2024): each tena
 counter of the service it has received, prefill and decode tokens weighted, divided by the
 tenant's weight; new work is admitted from the tenant with the least. A tenant that becomes
 active again is lifted to the least counter among the active ones, so idle time banks no credit.
+
+That same rule lets the policy forget: an idle tenant whose counter is at or below the active
+minimum would be lifted to it on return, so its counter is dropped (and the idle ones beyond
+`MAX_IDLE_TENANTS` with the least service first); every event costs O(active tenants).
 """
 
 from __future__ import annotations
 
+import heapq
+
 from tandem.schedulers.api import RequestView, Scheduler, StepContext, StepReport
 from tandem.schedulers.building_blocks import continue_running
+
+MAX_IDLE_TENANTS = 1024  # idle tenants remembered with service above the active minimum
 
 
 def parse_weights(spec: str) -> dict[str, float]:
@@ -41,27 +49,53 @@ class FairShare(Scheduler):
             raise ValueError("prefill_weight and decode_weight must be >= 0")
         self.prefill_weight, self.decode_weight = prefill_weight, decode_weight
         self.weights = parse_weights(weights)
-        self.counters: dict[str, float] = {}  # tenant -> weighted service received
-        self._active: dict[str, int] = {}  # tenant -> requests not finished
+        self.counters: dict[str, float] = {}  # tenant -> weighted service received (active, or idle above the floor)
+        self._active: dict[str, int] = {}  # active tenant -> its requests not finished
+        self._idle: list[tuple[float, str]] = []  # idle tenants by counter (entries go stale: checked on pop)
 
     def weight(self, tenant: str) -> float:
         return self.weights.get(tenant, 1.0)
 
     def on_request_added(self, request: RequestView) -> None:
         tenant = request.tenant
-        if not self._active.get(tenant):
-            active = [self.counters[t] for t, n in self._active.items() if n and t in self.counters]
-            self.counters[tenant] = max(self.counters.get(tenant, 0.0), min(active, default=0.0))
-        self._active[tenant] = self._active.get(tenant, 0) + 1
+        if tenant not in self._active:
+            self.counters[tenant] = max(self.counters.get(tenant, 0.0), self._floor() or 0.0)
+            self._active[tenant] = 0
+        self._active[tenant] += 1
 
     def on_request_finished(self, request: RequestView, reason: str) -> None:
-        self._active[request.tenant] -= 1
+        tenant = request.tenant
+        self._active[tenant] -= 1
+        if not self._active[tenant]:
+            del self._active[tenant]
+            heapq.heappush(self._idle, (self.counters.get(tenant, 0.0), tenant))
+            self._forget()
 
     def on_step_done(self, report: StepReport) -> None:
         for request, tokens in report.rows:
             # A decode row computes the token sampled last step; a prefill chunk, prompt tokens.
             cost = self.decode_weight if request.generated_len > 0 and tokens == 1 else self.prefill_weight * tokens
-            self.counters[request.tenant] = self.counters.get(request.tenant, 0.0) + cost / self.weight(request.tenant)
+            tenant = request.tenant
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / self.weight(tenant)
+            if tenant not in self._active:  # its last request finished within this step
+                heapq.heappush(self._idle, (self.counters[tenant], tenant))
+        self._forget()
+
+    def _floor(self) -> float | None:
+        """The least counter among active tenants (None: none is active)."""
+        return min((self.counters[t] for t in self._active), default=None)
+
+    def _forget(self) -> None:
+        """Drop idle tenants the lift would erase anyway, then the least-served beyond the cap."""
+        floor = self._floor()
+        while self._idle:
+            counter, tenant = self._idle[0]
+            stale = tenant in self._active or self.counters.get(tenant) != counter
+            if not (stale or (floor is not None and counter <= floor) or len(self._idle) > MAX_IDLE_TENANTS):
+                return
+            heapq.heappop(self._idle)
+            if not stale:
+                del self.counters[tenant]
 
     def select_victim(self, ctx: StepContext, candidates: list[RequestView]) -> RequestView:
         return max(candidates, key=lambda r: (self.counters.get(r.tenant, 0.0), r.arrival_index))

@@ -89,7 +89,8 @@ def test_fair_share_serves_the_light_tenant_before_the_heavy_backlog() -> None:
         core.close()
     # Under fcfs the light tenant would wait for all eight heavy requests.
     assert max(first["l0"], first["l1"]) < max(first[f"h{i}"] for i in range(8))
-    assert set(counters) == {"heavy", "light"} and counters["heavy"] > counters["light"] > 0
+    # The light tenant, idle now below the active heavy one, is forgotten (its return lifts it).
+    assert set(counters) == {"heavy"} and counters["heavy"] > 0
 
 
 def test_fair_share_counters_converge_when_both_tenants_are_backlogged() -> None:
@@ -236,6 +237,28 @@ def test_deadline_never_refuses_a_request_that_has_streamed_tokens() -> None:
         core.close()
     assert not any(o.rejected for o in outs)
     assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == 12
+
+
+def test_fair_share_forgets_idle_tenants() -> None:
+    """Thousands of one-off tenants (junk x-tenant-id values) leave the policy's state bounded:
+    an idle tenant at or below the active minimum is forgotten, since its return lifts it there."""
+    from tandem.schedulers import fair_share
+
+    core = small_core(256, max_num_seqs=8, scheduler="fair-share")
+    policy = core.scheduler
+    try:
+        core.add(core.make_sequence(_request("steady", new=400, tenant="steady")))
+        for i in range(600):
+            core.add(core.make_sequence(_request(f"r{i}", prompt_len=4, new=1, tenant=f"junk-{i}")))
+            if i % 8 == 7:
+                core.step()
+        while core.has_work():
+            core.step()
+    finally:
+        core.close()
+    assert len(policy.counters) <= fair_share.MAX_IDLE_TENANTS  # type: ignore[attr-defined]
+    assert len(policy.counters) < 50  # type: ignore[attr-defined]  # all but a few lifted away
+    assert not policy._active  # type: ignore[attr-defined]
 
 
 def test_a_rejected_request_surfaces_as_an_error_from_the_engine() -> None:
