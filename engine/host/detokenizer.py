@@ -14,6 +14,7 @@ are settled once more than `MAX_PENDING` tokens wait, so no token re-decodes a l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -49,14 +50,21 @@ def decoder_of(tokenizer: Tokenizer) -> Callable[..., str]:
     return tokenizer._tokenizer.decode  # type: ignore[attr-defined]
 
 
+@functools.lru_cache(maxsize=8)  # one per served tokenizer; a request's detokenizer reads it
+def skipped_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """Special ids that decode to nothing (skip_special_tokens): they can stay out of a window."""
+    decode = decoder_of(tokenizer)
+    special = getattr(tokenizer, "all_special_ids", ())
+    return frozenset(i for i in special if decode([i], skip_special_tokens=True) == "")
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, stop_strings: list[str] | None = None, include_stop: bool = False) -> None:
         self.include_stop = include_stop  # keep the matched stop string at the end of the text
         self._decode = decoder_of(tokenizer)
         self.stop_strings = list(stop_strings or [])
         self._holdback = max((len(s) for s in self.stop_strings), default=1) - 1
-        # NOTE: a tokenizer's special ids, which decode (skip_special_tokens) drops anyway
-        self._special = frozenset(getattr(tokenizer, "all_special_ids", ()))
+        self._special = skipped_ids(tokenizer)
         self.ids: list[int] = []  # the window's ids: every token but the special ones
         self._prefix = 0  # the window starts here: context for the tokens after _read
         self._read = 0  # text is taken up to here
