@@ -30,6 +30,8 @@ class Tokenizer(Protocol):
 
     def get_vocab(self) -> dict[str, int]: ...
 
+    def __hash__(self) -> int: ...  # one cache entry per tokenizer (skipped_ids)
+
 
 def decoder_of(tokenizer: Tokenizer) -> Callable[..., str]:
     """`tokenizer.decode`, or, for a fast tokenizer that would return the backend's text as is
